@@ -1,0 +1,27 @@
+# Quick start: `make demo` (main job) and `make test` (test suite). Each sets itself up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU wheel first: nothing later may pull a CUDA build of torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q transformers==5.17.0 -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/foe-compile demo
+	$(BIN)/placement-compile place ../shared/data/iccad04/ibm01/ibm01.aux --out out/ibm01
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+clean:
+	rm -rf $(VENV) build out *.egg-info
