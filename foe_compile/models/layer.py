@@ -1,0 +1,77 @@
+"""Decoder layers in the two converted forms; both keep the Hugging Face layer signature so the
+source model's own forward, masks, cache and generate() drive them unchanged.
+
+exact: one shared stream x [B, T, d]
+    r  = x + mean_h(H * Attn_h(Norm1(x)))            # all-reduce 1
+    x' = r + sum_h m_h(Norm2(r))                      # all-reduce 2 (global top-k)
+foe: state (r_full [B, T, d], m [H, B, T, d]); group h's stream is r_full + H*m_h
+    r_full' = mean_h(r_full + H*m_h + H * Attn_h(Norm1(r_full + c*m_h)))   # the one all-reduce
+    m'_h    = group h's quota-routed experts on Norm2(r_full')
+Between FoE layers the state travels as one tensor [1 + H, B, T, d] = (r_full, m_1..m_H); the
+first layer broadcasts the embedding (m = 0) and the last returns the mean over groups.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import FoEAttention
+
+
+class ExactDecoderLayer(nn.Module):
+    def __init__(self, source_layer: nn.Module, attention: FoEAttention, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = source_layer.input_layernorm
+        self.post_attention_layernorm = source_layer.post_attention_layernorm
+        self.self_attn = attention
+        self.mlp = mlp
+        self.num_groups = len(attention.groups)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids=None,
+                past_key_values=None, use_cache: bool | None = False, position_embeddings=None, **kwargs) -> Tensor:
+        H = self.num_groups
+        normed = self.input_layernorm(hidden_states).expand(H, *hidden_states.shape)
+        attn = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
+        r = hidden_states + attn.mean(0)
+        xn = self.post_attention_layernorm(r)
+        m = self.mlp(xn.reshape(-1, xn.shape[-1]))  # [H, B*T, d]
+        return r + m.sum(0).view_as(r)
+
+
+class FoEDecoderLayer(nn.Module):
+    def __init__(self, source_layer: nn.Module, attention: FoEAttention, mlp: nn.Module, *,
+                 attn_stream_scale: float, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.input_layernorm = source_layer.input_layernorm
+        self.post_attention_layernorm = source_layer.post_attention_layernorm
+        self.self_attn = attention
+        self.mlp = mlp
+        self.num_groups = len(attention.groups)
+        self.attn_stream_scale = attn_stream_scale
+        self.is_first, self.is_last = is_first, is_last
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids=None,
+                past_key_values=None, use_cache: bool | None = False, position_embeddings=None, **kwargs) -> Tensor:
+        H = self.num_groups
+        if self.is_first:  # broadcast the embedding: every group starts from the same stream
+            r_full, m = hidden_states, hidden_states.new_zeros(H, *hidden_states.shape)
+        else:
+            r_full, m = hidden_states[0], hidden_states[1:]
+        streams = r_full + H * m  # [H, B, T, d]: what each group contributes to the mean
+        attn_in = streams if self.attn_stream_scale == H else r_full + self.attn_stream_scale * m
+        attn = self.self_attn(self.input_layernorm(attn_in), position_embeddings, attention_mask,
+                              past_key_values, **kwargs)
+        r_full = (streams + attn).mean(0)  # the one collective per layer
+        xn = self.post_attention_layernorm(r_full)
+        m = self.mlp(xn.reshape(-1, xn.shape[-1])).view(H, *r_full.shape)
+        if self.is_last:
+            return (r_full + H * m).mean(0)
+        return torch.cat([r_full.unsqueeze(0), m])
+
+
+def stream_mean(state: Tensor) -> Tensor:
+    """The model-level hidden state of an FoE layer's output: mean over groups of r_full + H*m_h."""
+    if state.dim() == 3:
+        return state
+    r_full, m = state[0], state[1:]
+    return r_full + m.sum(0)
