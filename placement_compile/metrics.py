@@ -43,9 +43,11 @@ def hpwl_normalised(graph: PlacementGraph, positions: Tensor) -> Tensor:
     pins = pos[:, graph.pin_node] + graph.pin_offset.to(pos.dtype)  # [B, P, 2]
     b = pos.shape[0]
     index = graph.pin_net.view(1, -1, 1).expand(b, -1, 2)
-    hi = pins.new_zeros(b, graph.num_nets, 2).scatter_reduce(1, index, pins, "amax", include_self=False)
-    lo = pins.new_zeros(b, graph.num_nets, 2).scatter_reduce(1, index, pins, "amin", include_self=False)
-    out = (hi - lo).sum(dim=(1, 2))
+    # NOTE: start from -inf/+inf, not zeros with include_self=False: amax/amin backward splits
+    # the gradient with a zero start that ties the result. Empty nets give -inf, clamped to 0.
+    hi = pins.new_full((b, graph.num_nets, 2), -torch.inf).scatter_reduce(1, index, pins, "amax")
+    lo = pins.new_full((b, graph.num_nets, 2), torch.inf).scatter_reduce(1, index, pins, "amin")
+    out = (hi - lo).clamp_min(0).sum(dim=(1, 2))
     return out[0] if squeeze else out
 
 
