@@ -75,7 +75,7 @@ class Circuit:
         return int(self.is_macro.sum())
 
     def with_positions(self, lower_left: np.ndarray) -> Circuit:
-        """A copy placed at `lower_left` [N, 2]."""
+        """A copy placed at `lower_left` [N, 2] (the netlist arrays are shared, not copied)."""
         ll = np.asarray(lower_left, dtype=np.float64)
         if ll.shape != self.positions.shape:
             raise ValueError(f"lower_left must be [{self.num_nodes}, 2], got {ll.shape}")
