@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +208,21 @@ def parameter_count(model: nn.Module) -> int:
 def published_parameter_count(cfg: AttGNNConfig) -> int:
     """Parameters of the authors' model: ours plus the unused GroupNorm(1, width) per block."""
     return parameter_count(AttGNN(cfg)) + cfg.blocks * 2 * (cfg.gnn_width + cfg.att_width)
+
+
+def save_model(model: AttGNN, path: str, meta: dict | None = None) -> None:
+    """Write {"config", "state_dict" (fp32), "meta"} to path (loads with weights_only=True)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"config": model.cfg.to_dict(), "state_dict": state, "meta": meta or {}}, path)
+
+
+def load_model(path: str) -> AttGNN:
+    """An AttGNN (eval mode) from a file written by :func:`save_model` or a training checkpoint."""
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {path} not found; train one with `placement-compile train` or pass --checkpoint")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not an AttGNN checkpoint (expected keys 'config' and 'state_dict')")
+    model = AttGNN(AttGNNConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

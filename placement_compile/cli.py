@@ -1,0 +1,121 @@
+"""`placement-compile` command line: place, evaluate, train, generate.
+
+    placement-compile place ../shared/data/iccad04/ibm01/ibm01.aux --out out/ibm01
+    placement-compile evaluate ../shared/data/iccad04/ibm01/ibm01.aux out/ibm01/ibm01.pl
+    placement-compile generate data/v1-train --circuits 2000 --version v1 --workers 2
+    placement-compile train runs/small --data data/v1-train --val data/v1-val --steps 10000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "small.pt"
+
+
+def _add_place(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("place", help="place the macros of a Bookshelf circuit")
+    p.add_argument("aux", help="the circuit's .aux file (.gz files are read transparently)")
+    p.add_argument("--samples", type=int, default=8, help="B candidates sampled in one batch")
+    p.add_argument("--steps", type=int, default=100, help="diffusion steps (the paper uses 1000)")
+    p.add_argument("--guidance-steps", type=int, default=20, help="inner guidance Adam steps m")
+    p.add_argument("--legalizer-steps", type=int, default=5000, help="legalizer step budget (paper: 20000)")
+    p.add_argument("--out", default="out", help="output directory")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="denoiser weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a .pl placement of a circuit")
+    p.add_argument("aux", help="the circuit's .aux file")
+    p.add_argument("pl", nargs="?", help="placement to score (default: the circuit's own .pl)")
+    p.add_argument("--json", dest="json_out", help="also write the metrics here")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from placement_compile.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train the denoiser on synthetic circuits (resumable)")
+    p.add_argument("run_dir", help="checkpoint directory (last.pt, model.pt, loss.png, log.json)")
+    p.add_argument("--data", required=True, help="training set written by `generate`")
+    p.add_argument("--val", help="held-out set written by `generate` (validation loss)")
+    p.add_argument("--model", default=d.model, choices=["small", "medium", "large"])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch, help="noisy copies per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/last.pt")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a synthetic training set")
+    p.add_argument("out_dir")
+    p.add_argument("--circuits", type=int, default=1000)
+    p.add_argument("--version", default="v1", choices=["v1", "v2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="placement-compile", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_place, _add_evaluate, _add_train, _add_generate):
+        add(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from placement_compile.synthetic import load_dataset
+    from placement_compile.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(model=args.model, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                      val_every=args.val_every, ckpt_every=args.ckpt_every)
+    val = load_dataset(args.val) if args.val else []
+    summary = train(load_dataset(args.data), val, args.run_dir, cfg, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from placement_compile.synthetic import generate_dataset
+
+    paths = generate_dataset(args.out_dir, args.circuits, args.version, args.seed, args.workers)
+    print(f"wrote {args.circuits} {args.version} circuits in {len(paths)} shard(s) to {args.out_dir}")
+    return 0
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from placement_compile.run_place import run_place
+
+    return run_place(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from placement_compile.run_place import run_evaluate
+
+    return run_evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"place": cmd_place, "evaluate": cmd_evaluate, "train": cmd_train, "generate": cmd_generate}
+    try:
+        return handlers[args.command](args)
+    except ValueError as err:
+        print(f"placement-compile {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
