@@ -1,0 +1,5 @@
+"""foe:: custom ops (torch.library) and their kernels; see ops.py and dispatch.py."""
+from . import ops  # noqa: F401  defines the foe:: ops (schema, fake, reference, autograd)
+from .dispatch import BACKENDS, available, use_backend
+
+__all__ = ["BACKENDS", "available", "use_backend"]

@@ -1,0 +1,87 @@
+"""Which kernel runs each foe:: op, per device.
+
+The op schemas and the reference live in `ops.py`. This module registers one CPU and one CUDA
+implementation per op that forwards to the selected backend:
+
+    reference  the plain-PyTorch reference (debugging; always available)
+    native     the compiled extension foe_compile._C (C++ on CPU, CUDA on GPUs)
+    cupy       the same .cu sources compiled at run time with NVRTC through CuPy (GPU, no build)
+    triton     Triton kernels (GPU; on CPU only through TRITON_INTERPRET=1, in tests)
+    auto       the documented rule in `choose()`
+
+Select with FOE_KERNELS=<backend> or `use_backend(...)`. Kernel modules add themselves with
+`register(op, backend)`; a backend that is not available falls back under "auto" and raises
+a clear error when asked for explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "native", "cupy", "triton")
+OPS = ("sum_route_dispatch", "experts_swiglu")
+_KERNELS: dict[tuple[str, str], Callable] = {
+    ("sum_route_dispatch", "reference"): reference.sum_route_dispatch,
+    ("experts_swiglu", "reference"): reference.experts_swiglu,
+}
+_selected = os.environ.get("FOE_KERNELS", "auto")
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator for kernel modules: `fn` implements `op` (same arguments as the schema)."""
+    if op not in OPS or backend not in BACKENDS[1:]:
+        raise ValueError(f"unknown op/backend {op!r}/{backend!r}; ops {OPS}, backends {BACKENDS[1:]}")
+
+    def wrap(fn: Callable) -> Callable:
+        _KERNELS[(op, backend)] = fn
+        return fn
+
+    return wrap
+
+
+def available(op: str, backend: str) -> bool:
+    return (op, backend) in _KERNELS
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    global _selected
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    previous, _selected = _selected, name
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def choose(op: str, device: torch.device) -> str:
+    """The "auto" rule: CPU -> native C++ when built, else the reference. CUDA -> native CUDA,
+    then CuPy (same sources, compiled at run time), then Triton, then the reference; kernel
+    modules may refine this per shape by registering under a more specific backend."""
+    order = ("native",) if device.type == "cpu" else ("native", "cupy", "triton")
+    return next((b for b in order if available(op, b)), "reference")
+
+
+def kernel(op: str, device: torch.device) -> Callable:
+    backend = _selected if _selected != "auto" else choose(op, device)
+    if backend not in BACKENDS:
+        raise ValueError(f"FOE_KERNELS={backend!r} is not a kernel backend; choose one of {BACKENDS}")
+    if not available(op, backend):
+        raise RuntimeError(
+            f"kernel backend {backend!r} has no implementation of foe::{op} here "
+            f"(build the extension with `pip install -e .`, or use FOE_KERNELS=auto/reference)"
+        )
+    return _KERNELS[(op, backend)]
+
+
+for _device in ("CPU", "CUDA"):
+    torch.library.impl("foe::sum_route_dispatch", _device)(
+        lambda *args: kernel("sum_route_dispatch", args[1].device)(*args))
+    torch.library.impl("foe::experts_swiglu", _device)(
+        lambda *args: kernel("experts_swiglu", args[0].device)(*args))

@@ -1,0 +1,161 @@
+"""The op boundary: foe::sum_route_dispatch and foe::experts_swiglu (DESIGN.md "The op boundary").
+
+Each op has a schema, a fake (meta) implementation for compile/export, the plain-PyTorch
+reference registered as CompositeExplicitAutograd (every device; faster kernels override it
+per dispatch key: C++ for CPU, CUDA/Triton for CUDA) and an autograd formula. Formulas are
+in `reference.py`. Shapes are static at the boundary: per-expert counts live inside.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+LIB = torch.library.Library("foe", "DEF")  # noqa: TOR901 - the namespace is ours
+LIB.define(
+    "sum_route_dispatch(Tensor residual, Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, "
+    "int num_groups, int top_k, bool renormalize) -> (Tensor r, Tensor xn, Tensor topk_ids, Tensor topk_weights, "
+    "Tensor sorted_pairs, Tensor expert_offsets)"
+)
+LIB.define(
+    "experts_swiglu(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor topk_weights, "
+    "Tensor sorted_pairs, Tensor expert_offsets, int num_groups) -> Tensor"
+)
+# Backward ops: opaque recompute-based gradients (see _recompute_grads).
+LIB.define(
+    "sum_route_dispatch_backward(Tensor grad_r, Tensor grad_xn, Tensor grad_weights, Tensor residual, "
+    "Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, Tensor topk_ids, bool renormalize) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "experts_swiglu_backward(Tensor grad_out, Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, "
+    "Tensor topk_weights, Tensor sorted_pairs, Tensor expert_offsets, int num_groups) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def check_route_args(residual: Tensor, partials: Tensor, norm_weight: Tensor, router_weight: Tensor,
+                     num_groups: int, top_k: int) -> None:
+    torch._check(partials.dim() == 3 and residual.dim() == 3,
+                 lambda: f"residual/partials must be [H, T, d], got {tuple(residual.shape)}, {tuple(partials.shape)}")
+    torch._check(residual.shape[0] in (1, partials.shape[0]) and residual.shape[1:] == partials.shape[1:],
+                 lambda: f"residual {tuple(residual.shape)} must be [1 or H, T, d] with partials {tuple(partials.shape)}")
+    E, d = router_weight.shape
+    torch._check(d == partials.shape[-1] and norm_weight.shape == (d,),
+                 lambda: f"router_weight [E, d] / norm_weight [d] do not match hidden size {partials.shape[-1]}")
+    torch._check(num_groups >= 1 and E % num_groups == 0 and top_k % num_groups == 0 and top_k <= E,
+                 lambda: f"need E={E} and top_k={top_k} divisible by num_groups={num_groups}, top_k <= E")
+
+
+def check_experts_args(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, pairs: Tensor, offsets: Tensor,
+                       num_groups: int) -> None:
+    E, two_i, d = gate_up.shape
+    torch._check(x.dim() == 2 and x.shape[1] == d, lambda: f"x must be [T, {d}], got {tuple(x.shape)}")
+    torch._check(down.shape == (E, d, two_i // 2),
+                 lambda: f"down must be [E, d, I] = {(E, d, two_i // 2)}, got {tuple(down.shape)}")
+    torch._check(ids.shape[0] == x.shape[0] and pairs.numel() == ids.numel() and offsets.numel() == E + 1,
+                 lambda: "topk_ids [T, k], sorted_pairs [T*k] and expert_offsets [E+1] disagree")
+    torch._check(E % num_groups == 0, lambda: f"E={E} is not divisible by num_groups={num_groups}")
+
+
+@torch.library.register_fake("foe::sum_route_dispatch")
+def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize):
+    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
+    T, d = partials.shape[1:]
+    E = router_weight.shape[0]
+    ids = partials.new_empty(T, top_k, dtype=torch.int64)
+    return (partials.new_empty(T, d), partials.new_empty(T, d), ids, partials.new_empty(T, top_k),
+            partials.new_empty(T * top_k, dtype=torch.int64), partials.new_empty(E + 1, dtype=torch.int64))
+
+
+@torch.library.register_fake("foe::experts_swiglu")
+def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups):
+    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups)
+    return x.new_empty(num_groups, x.shape[0], x.shape[1])
+
+
+@torch.library.impl("foe::sum_route_dispatch", "CompositeExplicitAutograd")
+def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize):
+    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
+    return reference.sum_route_dispatch(residual, partials, norm_weight, eps, router_weight, num_groups, top_k,
+                                        renormalize)
+
+
+@torch.library.impl("foe::experts_swiglu", "CompositeExplicitAutograd")
+def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups):
+    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups)
+    return reference.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups)
+
+
+# ---- autograd: gradients by recomputing the differentiable part of the reference -------------
+
+def _recompute_grads(fn, inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        outputs = fn(*leaves)
+        result = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, result))
+
+
+@torch.library.impl("foe::sum_route_dispatch_backward", "CompositeExplicitAutograd")
+def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize):
+    def forward(res, par, nw, rw):  # the routed picks are fixed: gradients flow through their weights
+        r = (res + par).mean(0)
+        xn = reference.rms_norm(r, nw, eps)
+        probs = torch.softmax(torch.nn.functional.linear(xn, rw).float(), dim=-1)
+        return r, xn, reference.routing_weights(probs, ids, renormalize, xn.dtype)
+
+    return _recompute_grads(forward, (residual, partials, norm_weight, router_weight), (grad_r, grad_xn, grad_weights))
+
+
+@torch.library.register_fake("foe::sum_route_dispatch_backward")
+def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize):
+    return (torch.empty_like(residual), torch.empty_like(partials), torch.empty_like(norm_weight),
+            torch.empty_like(router_weight))
+
+
+@torch.library.impl("foe::experts_swiglu_backward", "CompositeExplicitAutograd")
+def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups):
+    def forward(x_, gu, dn, w):
+        return reference.experts_swiglu(x_, gu, dn, ids, w, pairs, offsets, num_groups)
+
+    return _recompute_grads(forward, (x, gate_up, down, weights), (grad_out,))
+
+
+@torch.library.register_fake("foe::experts_swiglu_backward")
+def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups):
+    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down), torch.empty_like(weights)
+
+
+def _route_setup(ctx, inputs, output):
+    residual, partials, norm_weight, eps, router_weight, _, _, renormalize = inputs
+    ctx.save_for_backward(residual, partials, norm_weight, router_weight, output[2])
+    ctx.eps, ctx.renormalize = eps, renormalize
+
+
+def _route_backward(ctx, grad_r, grad_xn, _ids, grad_weights, _pairs, _offsets):
+    residual, partials, norm_weight, router_weight, ids = ctx.saved_tensors
+    zeros = lambda t, like: t if t is not None else torch.zeros_like(like)  # noqa: E731
+    g = torch.ops.foe.sum_route_dispatch_backward(
+        zeros(grad_r, partials[0]), zeros(grad_xn, partials[0]),
+        zeros(grad_weights, ids.to(partials.dtype)), residual, partials, norm_weight, ctx.eps, router_weight, ids,
+        ctx.renormalize)
+    return g[0], g[1], g[2], None, g[3], None, None, None
+
+
+def _experts_setup(ctx, inputs, output):
+    x, gate_up, down, ids, weights, pairs, offsets, num_groups = inputs
+    ctx.save_for_backward(x, gate_up, down, ids, weights, pairs, offsets)
+    ctx.num_groups = num_groups
+
+
+def _experts_backward(ctx, grad_out):
+    x, gate_up, down, ids, weights, pairs, offsets = ctx.saved_tensors
+    gx, ggu, gd, gw = torch.ops.foe.experts_swiglu_backward(grad_out, x, gate_up, down, ids, weights, pairs, offsets,
+                                                            ctx.num_groups)
+    return gx, ggu, gd, None, gw, None, None, None
+
+
+torch.library.register_autograd("foe::sum_route_dispatch", _route_backward, setup_context=_route_setup)
+torch.library.register_autograd("foe::experts_swiglu", _experts_backward, setup_context=_experts_setup)

@@ -1,0 +1,81 @@
+"""Plain-PyTorch references of the foe:: ops: obviously correct, slow, the ground truth that the
+C++, CUDA and Triton kernels are tested against. Formulas:
+
+sum_route_dispatch
+    r        = mean_h(residual[h or 0] + partials[h])                 [T, d]
+    xn       = RMSNorm(r) * norm_weight                                [T, d]
+    probs    = softmax(xn @ router_weight^T) in fp32                   [T, E]
+    ids, w   = top-(k/H) in each of H equal expert blocks (H = 1: global top-k), w renormalised
+               to sum to 1 over the k picks when `renormalize`
+    pairs    = stable sort of the T*k (token, slot) pairs p = t*k + j by expert ids[t, j]
+    offsets  = offsets[e] = first position of expert e in pairs, offsets[E] = T*k
+experts_swiglu
+    out[g(e), t] += w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))   for every pick (t, j) of e,
+    g(e) = e // (E / num_groups); gate_up = [gate; up] rows (transformers v5 layout)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Hugging Face RMSNorm: normalise in fp32, scale in the input dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def route(probs: Tensor, num_groups: int, top_k: int) -> tuple[Tensor, Tensor]:
+    """(values, ids) [T, k]: quota top-(k/H) per block, group h's picks in columns h*k/H..."""
+    T, E = probs.shape
+    block = E // num_groups
+    values, local = torch.topk(probs.view(T, num_groups, block), top_k // num_groups, dim=-1)
+    offsets = torch.arange(num_groups, device=probs.device).view(1, num_groups, 1) * block
+    return values.reshape(T, top_k), (local + offsets).reshape(T, top_k)
+
+
+def routing_weights(probs: Tensor, ids: Tensor, renormalize: bool, dtype: torch.dtype) -> Tensor:
+    values = probs.gather(1, ids)
+    if renormalize:
+        values = values / values.sum(dim=-1, keepdim=True)
+    return values.to(dtype)
+
+
+def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(pairs [T*k], offsets [E+1]): a stable counting sort of the flattened picks by expert."""
+    flat = ids.flatten()
+    pairs = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return pairs, offsets
+
+
+def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
+                       num_groups: int, top_k: int, renormalize: bool):
+    r = (residual + partials).mean(0)
+    xn = rms_norm(r, norm_weight, eps)
+    probs = F.softmax(F.linear(xn, router_weight).float(), dim=-1)
+    _, ids = route(probs, num_groups, top_k)
+    weights = routing_weights(probs, ids, renormalize, xn.dtype)
+    pairs, offsets = group_by_expert(ids, router_weight.shape[0])
+    return r, xn, ids, weights, pairs, offsets
+
+
+def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weights: Tensor, pairs: Tensor,
+                   offsets: Tensor, num_groups: int) -> Tensor:
+    T, k = ids.shape
+    E = gate_up.shape[0]
+    out = x.new_zeros(num_groups, T, x.shape[-1])
+    bounds = offsets.tolist()
+    for e in range(E):
+        rows = pairs[bounds[e]:bounds[e + 1]]
+        if rows.numel() == 0:
+            continue
+        token, slot = rows // k, rows % k
+        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[e]) * weights[token, slot, None]
+        out[e // (E // num_groups)].index_add_(0, token, y.to(out.dtype))
+    return out
