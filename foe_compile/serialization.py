@@ -57,8 +57,7 @@ def _mlp_state(mlp: nn.Module) -> dict[str, Tensor]:
     if isinstance(mlp, FoEDenseMLP):
         return _split_mlp_state(mlp.shares)
     assert isinstance(mlp, FoEMoE)
-    gate_up = torch.cat([g.gate_up_proj for g in mlp.groups])  # assignment order
-    down = torch.cat([g.down_proj for g in mlp.groups])
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj  # assignment order
     if mlp.router.perm is not None:  # back to source expert order: source[perm[j]] = ours[j]
         order = torch.argsort(mlp.router.perm.to(gate_up.device))
         gate_up, down = gate_up[order], down[order]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import FoEAttention
+from .moe import FoEMoE
 
 
 class ExactDecoderLayer(nn.Module):
@@ -32,10 +33,8 @@ class ExactDecoderLayer(nn.Module):
         H = self.num_groups
         normed = self.input_layernorm(hidden_states).expand(H, *hidden_states.shape)
         attn = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
-        r = hidden_states + attn.mean(0)
-        xn = self.post_attention_layernorm(r)
-        m = self.mlp(xn.reshape(-1, xn.shape[-1]))  # [H, B*T, d]
-        return r + m.sum(0).view_as(r)
+        r, m = mix_and_mlp(self.mlp, self.post_attention_layernorm, hidden_states.unsqueeze(0), attn)
+        return r + m.sum(0)  # the second all-reduce
 
 
 class FoEDecoderLayer(nn.Module):
@@ -61,12 +60,27 @@ class FoEDecoderLayer(nn.Module):
         attn_in = streams if self.attn_stream_scale == H else r_full + self.attn_stream_scale * m
         attn = self.self_attn(self.input_layernorm(attn_in), position_embeddings, attention_mask,
                               past_key_values, **kwargs)
-        r_full = (streams + attn).mean(0)  # the one collective per layer
-        xn = self.post_attention_layernorm(r_full)
-        m = self.mlp(xn.reshape(-1, xn.shape[-1])).view(H, *r_full.shape)
+        r_full, m = mix_and_mlp(self.mlp, self.post_attention_layernorm, streams, attn)
         if self.is_last:
             return (r_full + H * m).mean(0)
         return torch.cat([r_full.unsqueeze(0), m])
+
+
+def mix_and_mlp(mlp: nn.Module, norm: nn.Module, residual: Tensor, partials: Tensor) -> tuple[Tensor, Tensor]:
+    """r = mean_h(residual + partials) (the all-reduce), then the MLP on Norm2(r).
+
+    residual [1 or H, B, T, d], partials [H, B, T, d] -> (r [B, T, d], m [H, B, T, d]).
+    MoE layers fuse mean + norm + routing + dispatch into foe::sum_route_dispatch.
+    """
+    H, shape = partials.shape[0], partials.shape[1:]
+    if isinstance(mlp, FoEMoE):
+        d = shape[-1]
+        r, xn, ids, weights, pairs, offsets = mlp.route(residual.reshape(residual.shape[0], -1, d),
+                                                        partials.reshape(H, -1, d), norm)
+        m = mlp(xn, ids, weights, pairs, offsets)
+        return r.view(shape), m.view(H, *shape)
+    r = (residual + partials).mean(0)
+    return r, mlp(norm(r))
 
 
 def stream_mean(state: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import ops, reference  # noqa: F401  (ops registers torch.ops.foe)
 from .views import LinearSlice, view_parameter
 
 
@@ -34,27 +35,10 @@ class Router(nn.Module):
         probs = F.softmax(F.linear(x, self.weight).float(), dim=-1)
         return probs if self.perm is None else probs[:, self.perm]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.route(self.scores(x), x.dtype)
-
     def route(self, probs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self.quota:
-            values, ids = quota_top_k(probs, self.num_groups, self.top_k)
-        else:
-            values, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:  # over all k picks of all groups: every group sees the same scores
-            values = values / values.sum(dim=-1, keepdim=True)
-        return ids, values.to(dtype)
-
-
-def quota_top_k(probs: Tensor, num_groups: int, top_k: int) -> tuple[Tensor, Tensor]:
-    """Top-(k/H) inside each of H equal expert blocks: probs [T, E] -> (values, ids) [T, k],
-    group h's picks in columns [h*k/H, (h+1)*k/H), ids in assignment order."""
-    T, E = probs.shape
-    block = E // num_groups
-    values, local = torch.topk(probs.view(T, num_groups, block), top_k // num_groups, dim=-1)
-    offsets = torch.arange(num_groups, device=probs.device).view(1, num_groups, 1) * block
-    return values.reshape(T, top_k), (local + offsets).reshape(T, top_k)
+        # Renormalisation is over all k picks of all groups: every group sees the same scores.
+        _, ids = reference.route(probs, self.num_groups if self.quota else 1, self.top_k)
+        return ids, reference.routing_weights(probs, ids, self.renormalize, dtype)
 
 
 class GroupExperts(nn.Module):
@@ -112,39 +96,52 @@ def split_mlp(mlp: nn.Module, num_groups: int) -> nn.ModuleList:
 
 
 class FoEMoE(nn.Module):
-    """The MoE block of one layer, split into H groups.
+    """The MoE block of one layer, split into H groups, at the foe:: op boundary.
 
-    forward: xn [T, d] (Norm2 of r_full) -> m [H, T, d], group h's weighted expert output
-    (plus its share of a shared expert). The caller combines: exact mode sums over groups
-    (second all-reduce); FoE mode keeps m_h in group h's stream.
+    route(residual, partials, norm) -> (r_full, xn, ids, weights, pairs, offsets): the cross-group
+        mean, Norm2, router, per-group (FoE) or global (exact) top-k and the grouping of tokens
+        by expert, fused in foe::sum_route_dispatch.
+    forward(xn, ids, weights, pairs, offsets) -> m [H, T, d]: group h's weighted expert output
+        (foe::experts_swiglu) plus its share of a shared expert. The caller combines: exact
+        mode sums over groups (second all-reduce); FoE mode keeps m_h in group h's stream.
+    Expert weights are held in assignment order: a view of the source for contiguous
+    assignment, a permuted copy otherwise. `groups` gives per-group views (distributed ranks).
     """
 
     def __init__(self, block: nn.Module, perm: list[int], num_groups: int, top_k: int, renormalize: bool,
                  quota: bool) -> None:
         super().__init__()
         experts = block.experts
-        E = experts.gate_up_proj.shape[0]
-        step = E // num_groups
+        identity = perm == list(range(len(perm)))
         self.router = Router(block.gate.weight, perm, num_groups, top_k, renormalize, quota)
-        self.groups = nn.ModuleList()
-        for h in range(num_groups):
-            ids = perm[h * step:(h + 1) * step]
-            contiguous = ids == list(range(ids[0], ids[0] + step))
-            # Contiguous blocks are views; a calibrated permutation has to gather (a copy).
-            gate_up = experts.gate_up_proj[ids[0]:ids[0] + step] if contiguous else experts.gate_up_proj[ids]
-            down = experts.down_proj[ids[0]:ids[0] + step] if contiguous else experts.down_proj[ids]
-            self.groups.append(GroupExperts(gate_up, down, h * step, experts.act_fn))
+        self.gate_up_proj = view_parameter(experts.gate_up_proj if identity else experts.gate_up_proj[perm])
+        self.down_proj = view_parameter(experts.down_proj if identity else experts.down_proj[perm])
+        self.act_fn = experts.act_fn
+        self.num_groups = num_groups
         self.shared = split_mlp(block.shared_expert, num_groups) if hasattr(block, "shared_expert") else None
         self.shared_gate = LinearSlice(block.shared_expert_gate.weight, None) if self.shared is not None else None
         self.last_routing: tuple[Tensor, Tensor, Tensor] | None = None  # set while recording
         self.record = False
 
-    def forward(self, xn: Tensor) -> Tensor:
-        probs = self.router.scores(xn)
-        ids, weights = self.router.route(probs, xn.dtype)
+    @property
+    def groups(self) -> list[GroupExperts]:
+        """Group h's experts as views: block [h*E/H, (h+1)*E/H) of the assignment order."""
+        step = self.gate_up_proj.shape[0] // self.num_groups
+        return [GroupExperts(self.gate_up_proj[h * step:(h + 1) * step], self.down_proj[h * step:(h + 1) * step],
+                             h * step, self.act_fn) for h in range(self.num_groups)]
+
+    def route(self, residual: Tensor, partials: Tensor, norm: nn.Module) -> tuple[Tensor, ...]:
+        """residual [1 or H, T, d], partials [H, T, d] -> foe::sum_route_dispatch outputs."""
+        r = self.router
+        weight = r.weight if r.perm is None else r.weight[r.perm]  # router rows in assignment order
+        return torch.ops.foe.sum_route_dispatch(residual, partials, norm.weight, norm.variance_epsilon, weight,
+                                                r.num_groups if r.quota else 1, r.top_k, r.renormalize)
+
+    def forward(self, xn: Tensor, ids: Tensor, weights: Tensor, pairs: Tensor, offsets: Tensor) -> Tensor:
         if self.record:
-            self.last_routing = (probs.detach(), ids.detach(), weights.detach())
-        m = torch.stack([g(xn, ids, weights) for g in self.groups])
+            self.last_routing = (self.router.scores(xn).detach(), ids.detach(), weights.detach())
+        m = torch.ops.foe.experts_swiglu(xn, self.gate_up_proj, self.down_proj, ids, weights, pairs, offsets,
+                                         self.num_groups)
         if self.shared is not None:  # the scalar gate is replicated, so it scales each share
             gate = torch.sigmoid(self.shared_gate(xn))
             m = m + torch.stack([gate * s(xn) for s in self.shared])
@@ -152,7 +149,7 @@ class FoEMoE(nn.Module):
 
 
 class FoEDenseMLP(nn.Module):
-    """A dense layer's MLP (Qwen's mlp_only_layers) split tensor-parallel: xn [T, d] -> [H, T, d]."""
+    """A dense layer's MLP (Qwen's mlp_only_layers) split tensor-parallel: xn [..., d] -> [H, ..., d]."""
 
     def __init__(self, mlp: nn.Module, num_groups: int) -> None:
         super().__init__()

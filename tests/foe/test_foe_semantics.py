@@ -7,7 +7,7 @@ from foe_testing import fresh_copy, tokens
 
 from foe_compile import builtin_model, convert
 from foe_compile.models import FoEDecoderLayer, FoEMoE, Router
-from foe_compile.models.moe import quota_top_k
+from foe_compile.kernels.reference import route as quota_top_k
 
 
 def test_structure_matches_design(source, family_name):

@@ -1,0 +1,245 @@
+"""Triton kernels for foe::experts_swiglu (formula in reference.py), vLLM fused_moe style.
+
+Three launches, no host sync, static shapes (CUDA-graph capturable):
+
+1. `_gate_up_swiglu_kernel`: grouped GEMM over the (token, slot) pairs sorted by expert. Each
+   program owns one padded block of BLOCK_M sorted positions of one expert and one N tile of I;
+   it reads x rows by indirect addressing (x[pairs[pos] // k], no permuted copy of x), computes
+   the gate and up tiles together from gate_up's two halves, and stores silu(gate) * up in fp32
+   -> dtype into h [T*k, I] at the sorted position.
+2. `_down_weighted_kernel`: the same schedule over h; the epilogue multiplies by the routing
+   weight and stores the row at its pair id p = t*k + j in y [T*k, d].
+3. `_combine_kernel`: out[g, t] = sum_j [g(ids[t, j]) == g] y[t*k + j] in fp32, fixed j order.
+
+Combine choice: deterministic (a k-row reduction per token, as vLLM's moe_sum) rather than fp32
+atomics into out: it needs no zero-filled fp32 buffer nor a cast pass, gives bit-identical
+results run to run, and handles the per-group outputs of FoE with a one-hot [G, BLOCK_D] sum.
+
+Block schedule (vLLM's moe_align, without a kernel of its own): expert e has
+ceil(count_e / BLOCK_M) blocks; every GEMM program recomputes the prefix sum over the E+1
+offsets (E <= a few hundred int64 loads, L2 resident) to find its expert and start. The grid is
+the static upper bound cdiv(T*k, BLOCK_M) + min(E, T*k) blocks; programs past the real count exit.
+
+Address arithmetic is int64: positions, pair ids, tokens and experts come from int64 tensors, so
+products with strides are int64 (T*k*d beyond 2^31 is fine).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import dispatch, launch_configs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without Triton; the "triton" backend is then absent
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Grouped (L2-friendly) order: GROUP_M consecutive blocks share a sweep over the N tiles."""
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
+
+    @triton.jit
+    def _block_of(offsets_ptr,  # [E+1] int64 first sorted position of each expert
+                  pid_m, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+        """(total blocks, expert, first position, end position) of padded block pid_m."""
+        e_idx = tl.arange(0, BLOCK_E)
+        lo = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0)
+        hi = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0)
+        blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        ends = tl.cumsum(blocks, axis=0)
+        expert = tl.sum((ends <= pid_m).to(tl.int64), axis=0)
+        mine = e_idx == expert
+        first_block = tl.sum(tl.where(mine, ends - blocks, 0), axis=0)
+        start = tl.sum(tl.where(mine, lo, 0), axis=0) + (pid_m - first_block) * BLOCK_M
+        return tl.sum(blocks, axis=0), expert, start, tl.sum(tl.where(mine, hi, 0), axis=0)
+
+    @triton.jit
+    def _gate_up_swiglu_kernel(
+        x_ptr,        # [T, d] activations, any strides; row t read for pair p = t*k + j
+        w_ptr,        # [E, 2I, d] gate_up: gate rows [0, I), up rows [I, 2I)
+        h_ptr,        # [T*k, I] out, contiguous: silu(gate) * up at the sorted position
+        pairs_ptr,    # [T*k] int64 pair ids sorted by expert
+        offsets_ptr,  # [E+1] int64 expert segments of pairs
+        E, I, d, k, num_pid_m,
+        stride_xt, stride_xd, stride_we, stride_wn, stride_wd,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+        total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
+        if pid_m >= total:
+            return
+        pos = start + tl.arange(0, BLOCK_M)                       # [BM] int64
+        row_ok = pos < end
+        token = tl.load(pairs_ptr + pos, mask=row_ok, other=0) // k
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < I
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + token[:, None] * stride_xt + kk[None, :] * stride_xd          # [BM, BK]
+        rows = n[None, :].to(tl.int64)
+        g_ptrs = w_ptr + expert * stride_we + rows * stride_wn + kk[:, None] * stride_wd         # [BK, BN]
+        u_ptrs = w_ptr + expert * stride_we + (rows + I) * stride_wn + kk[:, None] * stride_wd  # [BK, BN]
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < d - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xd
+            g_ptrs += BLOCK_K * stride_wd
+            u_ptrs += BLOCK_K * stride_wd
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h_ptrs = h_ptr + pos[:, None] * I + n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_weighted_kernel(
+        h_ptr,        # [T*k, I] contiguous SwiGLU activations at sorted positions
+        w_ptr,        # [E, d, I] down projection, any strides
+        y_ptr,        # [T*k, d] out, contiguous: weighted expert output at pair id p = t*k + j
+        pairs_ptr,    # [T*k] int64 pair ids sorted by expert
+        offsets_ptr,  # [E+1] int64 expert segments of pairs
+        rw_ptr,       # [T, k] routing weights, any strides
+        E, I, d, k, num_pid_m,
+        stride_we, stride_wn, stride_wk, stride_rt, stride_rk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(d, BLOCK_N), GROUP_M)
+        total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
+        if pid_m >= total:
+            return
+        pos = start + tl.arange(0, BLOCK_M)                       # [BM] int64
+        row_ok = pos < end
+        pair = tl.load(pairs_ptr + pos, mask=row_ok, other=0)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < d
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + pos[:, None] * I + kk[None, :]                                 # [BM, BK]
+        b_ptrs = (w_ptr + expert * stride_we + n[None, :].to(tl.int64) * stride_wn
+                  + kk[:, None] * stride_wk)                                          # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < I - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+        rw = tl.load(rw_ptr + (pair // k) * stride_rt + (pair % k) * stride_rk, mask=row_ok, other=0.0)
+        acc = acc * rw.to(tl.float32)[:, None]
+        y_ptrs = y_ptr + pair[:, None] * d + n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _combine_kernel(
+        y_ptr,        # [T*k, d] contiguous weighted expert outputs by pair id
+        ids_ptr,      # [T, k] int64 contiguous expert ids
+        out_ptr,      # [G, T, d] contiguous output
+        T, d, k, experts_per_group, G,
+        BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        c_ok = cols < d
+        groups = tl.arange(0, BLOCK_G)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        for j in range(0, k):
+            g = tl.load(ids_ptr + t * k + j) // experts_per_group
+            y = tl.load(y_ptr + (t * k + j) * d + cols, mask=c_ok, other=0.0).to(tl.float32)
+            acc += tl.where((groups == g)[:, None], y[None, :], 0.0)
+        out_ptrs = out_ptr + (groups[:, None].to(tl.int64) * T + t) * d + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(groups < G)[:, None] & c_ok[None, :])
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                   sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int,
+                   config: dict | None = None) -> Tensor:
+    """Launcher: validate, allocate h [T*k, I], y [T*k, d], out [G, T, d]; launch the three kernels.
+
+    `config` overrides the launch configuration (the tuner's hook); by default it comes from
+    `launch_configs.get_config`."""
+    if triton is None:
+        raise RuntimeError("the Triton experts kernels need `pip install triton`")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(f"Triton kernels run on CUDA tensors (got {x.device}); on CPU set TRITON_INTERPRET=1 "
+                           "before importing foe_compile, or use FOE_KERNELS=native/reference")
+    if not (x.dtype == gate_up.dtype == down.dtype):
+        raise TypeError(f"x, gate_up and down must share a dtype, got {x.dtype}, {gate_up.dtype}, {down.dtype}")
+    E, two_i, d = gate_up.shape
+    I = two_i // 2
+    T, k = topk_ids.shape
+    if x.shape != (T, d) or down.shape != (E, d, I) or sorted_pairs.numel() != T * k or expert_offsets.numel() != E + 1:
+        raise ValueError(f"experts_swiglu shapes disagree: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)}, topk_ids {tuple(topk_ids.shape)}, "
+                         f"sorted_pairs {tuple(sorted_pairs.shape)}, expert_offsets {tuple(expert_offsets.shape)}")
+    if num_groups < 1 or E % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide E={E}")
+    out = x.new_empty(num_groups, T, d)
+    if T == 0:
+        return out
+    cfg = config or launch_configs.get_config(E, I, d, k, T, x.dtype, x.device)
+    ids = topk_ids.to(torch.int64).contiguous()
+    pairs = sorted_pairs.to(torch.int64).contiguous()
+    offsets = expert_offsets.to(torch.int64).contiguous()
+    h = x.new_empty(T * k, I)
+    y = x.new_empty(T * k, d)
+    block_m = cfg["BLOCK_M"]
+    num_pid_m = triton.cdiv(T * k, block_m) + min(E, T * k)
+    common = dict(BLOCK_M=block_m, BLOCK_E=_pow2(E, 2),
+                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    gu, dn = cfg["gate_up"], cfg["down"]
+    bn, bk = min(gu["BLOCK_N"], _pow2(I)), min(gu["BLOCK_K"], _pow2(d))
+    _gate_up_swiglu_kernel[(num_pid_m * triton.cdiv(I, bn),)](
+        x, gate_up, h, pairs, offsets, E, I, d, k, num_pid_m,
+        x.stride(0), x.stride(1), *gate_up.stride(),
+        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gu["GROUP_M"], EVEN_K=d % bk == 0,
+        num_warps=gu["num_warps"], num_stages=gu["num_stages"], **common)
+    bn, bk = min(dn["BLOCK_N"], _pow2(d)), min(dn["BLOCK_K"], _pow2(I))
+    _down_weighted_kernel[(num_pid_m * triton.cdiv(d, bn),)](
+        h, down, y, pairs, offsets, topk_weights, E, I, d, k, num_pid_m,
+        *down.stride(), *topk_weights.stride(),
+        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0,
+        num_warps=dn["num_warps"], num_stages=dn["num_stages"], **common)
+    block_d = min(512, _pow2(d))
+    _combine_kernel[(T, triton.cdiv(d, block_d))](
+        y, ids, out, T, d, k, E // num_groups, num_groups,
+        BLOCK_D=block_d, BLOCK_G=_pow2(num_groups, 1), num_warps=4)
+    return out
+
+
+def usable() -> bool:
+    """Triton is installed and can launch here: a CUDA device, or the CPU interpreter."""
+    return triton is not None and (INTERPRETED or torch.cuda.is_available())
+
+
+if usable():
+    dispatch.register("experts_swiglu", "triton")(experts_swiglu)
