@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..families import family_of, is_moe_block
+from ..families import Family, family_of, is_moe_block
 from ..models import FoEAttention, GroupExperts, Router
 from .accounting import Comm, Ledger
 from .attention import KVCache, LocalAttention
@@ -26,15 +26,15 @@ from .foe_runtime import as_process_group
 class EPMoE(nn.Module):
     """xn [T, d] -> the source MoE block's output for this rank's tokens, experts over `comm`."""
 
-    def __init__(self, block: nn.Module, comm: Comm, layer: int, renormalize: bool, device: torch.device) -> None:
+    def __init__(self, block: nn.Module, comm: Comm, layer: int, top_k: int, renormalize: bool,
+                 device: torch.device) -> None:
         super().__init__()
         E = block.experts.gate_up_proj.shape[0]
         if E % comm.size:
             raise ValueError(f"model.layers.{layer}.mlp: {E} experts cannot be sharded over {comm.size} ranks; "
                              f"use a world size dividing {E}")
         self.comm, self.layer, self.per_rank = comm, layer, E // comm.size
-        k = int(block.top_k) if hasattr(block, "top_k") else int(block.gate.top_k)
-        self.router = Router(block.gate.weight, list(range(E)), 1, k, renormalize, quota=False).to(device)
+        self.router = Router(block.gate.weight, list(range(E)), 1, top_k, renormalize, quota=False).to(device)
         r0 = comm.rank * self.per_rank
         ex = block.experts
         self.experts = GroupExperts(ex.gate_up_proj[r0:r0 + self.per_rank].to(device),
@@ -51,26 +51,21 @@ class EPMoE(nn.Module):
 
 
 class EPRankLayer(nn.Module):
-    def __init__(self, index: int, layer: nn.Module, comm: Comm, renormalize: bool, device: torch.device) -> None:
+    def __init__(self, index: int, layer: nn.Module, comm: Comm, family: Family, top_k: int,
+                 device: torch.device) -> None:
         super().__init__()
         self.input_layernorm = layer.input_layernorm.to(device)
         self.post_attention_layernorm = layer.post_attention_layernorm.to(device)
-        full = FoEAttention(layer.self_attn, 1, family_of_layer(layer))
+        full = FoEAttention(layer.self_attn, 1, family)  # one "group" = every head
         self.self_attn = LocalAttention(full, [0], 1.0, None, device)
-        self.mlp = EPMoE(layer.mlp, comm, index, renormalize, device) if is_moe_block(layer.mlp) \
+        renorm = family.renormalize(layer.self_attn.config)
+        self.mlp = EPMoE(layer.mlp, comm, index, top_k, renorm, device) if is_moe_block(layer.mlp) \
             else layer.mlp.to(device)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None) -> Tensor:
         r = x + self.self_attn(self.input_layernorm(x)[None], rope, mask, cache)[0]
         xn = self.post_attention_layernorm(r)
         return r + self.mlp(xn.reshape(-1, xn.shape[-1])).view_as(r)
-
-
-_FAMILY = {}
-
-
-def family_of_layer(layer: nn.Module):
-    return _FAMILY["current"]
 
 
 class EPRankModel(RankModel):
@@ -83,9 +78,8 @@ class EPRankModel(RankModel):
         device = torch.device(device)
         super().__init__(model, comm.ledger, device)
         self.comm = comm
-        _FAMILY["current"] = family
-        renorm = family.renormalize(model.config)
-        self.layers = nn.ModuleList(EPRankLayer(i, layer, comm, renorm, device)
+        k = int(model.config.num_experts_per_tok)
+        self.layers = nn.ModuleList(EPRankLayer(i, layer, comm, family, k, device)
                                     for i, layer in enumerate(model.model.layers))
 
 
