@@ -22,6 +22,10 @@ the static upper bound cdiv(T*k, BLOCK_M) + min(E, T*k) blocks; programs past th
 
 Address arithmetic is int64: positions, pair ids, tokens and experts come from int64 tensors, so
 products with strides are int64 (T*k*d beyond 2^31 is fine).
+
+NOTE: Triton's CPU interpreter (3.6-3.9) computes bf16 `tl.dot` on the raw bits (errors ~1e10),
+so under TRITON_INTERPRET=1 bf16 tiles are widened to fp32 before the dot (UPCAST); compiled
+GPU kernels never take that branch.
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ if triton is not None:
         E, I, d, k, num_pid_m,
         stride_xt, stride_xd, stride_we, stride_wn, stride_wd,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
         total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
@@ -103,6 +107,8 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
             acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_xd
@@ -123,7 +129,7 @@ if triton is not None:
         E, I, d, k, num_pid_m,
         stride_we, stride_wn, stride_wk, stride_rt, stride_rk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(d, BLOCK_N), GROUP_M)
         total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
@@ -147,6 +153,8 @@ if triton is not None:
                 k_ok = kk < I - k0
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
@@ -215,7 +223,8 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
     block_m = cfg["BLOCK_M"]
     num_pid_m = triton.cdiv(T * k, block_m) + min(E, T * k)
     common = dict(BLOCK_M=block_m, BLOCK_E=_pow2(E, 2),
-                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  UPCAST=INTERPRETED and x.dtype == torch.bfloat16)
     gu, dn = cfg["gate_up"], cfg["down"]
     bn, bk = min(gu["BLOCK_N"], _pow2(I)), min(gu["BLOCK_K"], _pow2(d))
     _gate_up_swiglu_kernel[(num_pid_m * triton.cdiv(I, bn),)](
