@@ -1,0 +1,67 @@
+// Argument checks of the native foe:: ops; mirror ops.check_route_args / check_experts_args and add the
+// dtype/device rules the kernels rely on.
+#include "foe_ops.h"
+
+#include <c10/util/Exception.h>
+
+namespace foe {
+
+namespace {
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+}  // namespace
+
+void check_route_args(const at::Tensor& residual, const at::Tensor& partials, const at::Tensor& norm_weight,
+                      const at::Tensor& router_weight, int64_t num_groups, int64_t top_k) {
+  TORCH_CHECK(partials.dim() == 3 && residual.dim() == 3, "residual/partials must be [H, T, d], got ",
+              residual.sizes(), " and ", partials.sizes());
+  TORCH_CHECK((residual.size(0) == 1 || residual.size(0) == partials.size(0)) &&
+                  residual.size(1) == partials.size(1) && residual.size(2) == partials.size(2),
+              "residual ", residual.sizes(), " must be [1 or H, T, d] with partials ", partials.sizes());
+  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(1) == partials.size(2) && norm_weight.dim() == 1 &&
+                  norm_weight.size(0) == partials.size(2),
+              "router_weight [E, d] ", router_weight.sizes(), " / norm_weight [d] ", norm_weight.sizes(),
+              " do not match hidden size ", partials.size(2));
+  const int64_t E = router_weight.size(0);
+  TORCH_CHECK(num_groups >= 1 && top_k >= 1 && E % num_groups == 0 && top_k % num_groups == 0 && top_k <= E,
+              "need E=", E, " and top_k=", top_k, " divisible by num_groups=", num_groups, ", 1 <= top_k <= E");
+  const auto dtype = partials.scalar_type();
+  TORCH_CHECK(is_float_type(dtype), "partials must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(residual.scalar_type() == dtype && norm_weight.scalar_type() == dtype &&
+                  router_weight.scalar_type() == dtype,
+              "residual, norm_weight and router_weight must have the partials' dtype ", dtype,
+              ": cast them with .to(partials.dtype)");
+  TORCH_CHECK(residual.device() == partials.device() && norm_weight.device() == partials.device() &&
+                  router_weight.device() == partials.device(),
+              "all inputs of foe::sum_route_dispatch must be on one device (", partials.device(), ")");
+}
+
+void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
+                        const at::Tensor& expert_offsets, int64_t num_groups) {
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) % 2 == 0, "gate_up must be [E, 2I, d], got ", gate_up.sizes());
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, d = gate_up.size(2);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d, "x must be [T, ", d, "], got ", x.sizes());
+  TORCH_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == d && down.size(2) == I,
+              "down must be [E, d, I] = [", E, ", ", d, ", ", I, "], got ", down.sizes());
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) && topk_weights.sizes() == topk_ids.sizes() &&
+                  sorted_pairs.numel() == topk_ids.numel() && expert_offsets.numel() == E + 1,
+              "topk_ids [T, k], topk_weights [T, k], sorted_pairs [T*k] and expert_offsets [E+1] disagree: ",
+              topk_ids.sizes(), ", ", topk_weights.sizes(), ", ", sorted_pairs.sizes(), ", ",
+              expert_offsets.sizes());
+  TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, "E=", E, " is not divisible by num_groups=", num_groups);
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong && sorted_pairs.scalar_type() == at::kLong &&
+                  expert_offsets.scalar_type() == at::kLong,
+              "topk_ids, sorted_pairs and expert_offsets must be int64 (as foe::sum_route_dispatch returns them)");
+  TORCH_CHECK(is_float_type(x.scalar_type()) && gate_up.scalar_type() == x.scalar_type() &&
+                  down.scalar_type() == x.scalar_type() && topk_weights.scalar_type() == x.scalar_type(),
+              "x, gate_up, down and topk_weights must share one float dtype (float32/bfloat16/float16), got ",
+              x.scalar_type(), ", ", gate_up.scalar_type(), ", ", down.scalar_type(), ", ",
+              topk_weights.scalar_type());
+  for (const at::Tensor* t : {&gate_up, &down, &topk_ids, &topk_weights, &sorted_pairs, &expert_offsets}) {
+    TORCH_CHECK(t->device() == x.device(), "all inputs of foe::experts_swiglu must be on x's device ", x.device());
+  }
+}
+
+}  // namespace foe

@@ -1,0 +1,47 @@
+// C++ entry points of the foe:: kernels (CPU always, CUDA when built with CUDA).
+// Semantics: foe_compile/kernels/reference.py. Shapes: T tokens, d hidden, H groups (num_groups),
+// E experts, k = top_k picks per token (k/H per group), I expert intermediate size.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace foe {
+
+// (r [T,d], xn [T,d], topk_ids [T,k] int64, topk_weights [T,k], sorted_pairs [T*k] int64,
+//  expert_offsets [E+1] int64)
+using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Argument checks shared by every device (messages say what to change).
+void check_route_args(const at::Tensor& residual, const at::Tensor& partials, const at::Tensor& norm_weight,
+                      const at::Tensor& router_weight, int64_t num_groups, int64_t top_k);
+void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
+                        const at::Tensor& expert_offsets, int64_t num_groups);
+
+// Stable counting sort of the flattened picks by expert, on the host.
+void group_by_expert_host(const int64_t* ids /*[n]*/, int64_t n, int64_t num_experts,
+                          int64_t* pairs /*[n]*/, int64_t* offsets /*[E+1]*/);
+
+RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual /*[1 or H,T,d]*/, const at::Tensor& partials /*[H,T,d]*/,
+                                    const at::Tensor& norm_weight /*[d]*/, double eps,
+                                    const at::Tensor& router_weight /*[E,d]*/, int64_t num_groups, int64_t top_k,
+                                    bool renormalize);
+
+at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& gate_up /*[E,2I,d]*/,
+                              const at::Tensor& down /*[E,d,I]*/, const at::Tensor& topk_ids /*[T,k]*/,
+                              const at::Tensor& topk_weights /*[T,k]*/, const at::Tensor& sorted_pairs /*[T*k]*/,
+                              const at::Tensor& expert_offsets /*[E+1]*/, int64_t num_groups);
+
+#ifdef FOE_WITH_CUDA
+RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
+                                     const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
+                                     int64_t num_groups, int64_t top_k, bool renormalize);
+at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                               const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                               const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups);
+#endif
+
+}  // namespace foe

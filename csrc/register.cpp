@@ -1,0 +1,20 @@
+// Registers foe::sum_route_dispatch_native and foe::experts_swiglu_native (the public ops' schemas)
+// and their CPU kernels. CUDA kernels register in the .cu files; fake impls live in native.py.
+#include "foe_ops.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(foe, m) {
+  m.def(
+      "sum_route_dispatch_native(Tensor residual, Tensor partials, Tensor norm_weight, float eps, "
+      "Tensor router_weight, int num_groups, int top_k, bool renormalize) -> (Tensor r, Tensor xn, "
+      "Tensor topk_ids, Tensor topk_weights, Tensor sorted_pairs, Tensor expert_offsets)");
+  m.def(
+      "experts_swiglu_native(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor topk_weights, "
+      "Tensor sorted_pairs, Tensor expert_offsets, int num_groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(foe, CPU, m) {
+  m.impl("sum_route_dispatch_native", &foe::sum_route_dispatch_cpu);
+  m.impl("experts_swiglu_native", &foe::experts_swiglu_cpu);
+}

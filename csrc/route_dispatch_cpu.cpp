@@ -1,0 +1,171 @@
+// foe::sum_route_dispatch on CPU: two token-parallel passes around the router GEMM.
+//   pass 1 (per token): r = mean_h(residual + partials), xn = RMSNorm(r) * norm_weight
+//   router: logits = xn @ router_weight^T through ATen's BLAS GEMM
+//   pass 2 (per chunk of tokens): fp32 softmax, quota top-(k/H), renormalise, count picks per expert
+//   placement (per chunk): stable counting sort of the (token, slot) pairs by expert
+// Rounding mirrors reference.py step by step (each op rounds to the input dtype where the reference
+// does), so bf16/fp16 results match the reference up to summation order.
+// The router product is a GEMM rather than a fused per-token GEMV: the portable build has no -march
+// flags, so BLAS is the fast path for [T,d] x [d,E], and the same call on the same xn reproduces the
+// reference's logits bit for bit (routing decisions then agree even on near-ties).
+#include "foe_ops.h"
+#include "dispatch_types.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace foe {
+
+namespace {
+
+// Chunks of tokens handled by one task in pass 2 and the placement pass.
+constexpr int64_t kTokensPerChunk = 64;
+
+template <typename scalar_t>
+void sum_and_norm(const scalar_t* residual /*[Hr,T,d]*/, int64_t residual_group_stride /*0 or T*d*/,
+                  const scalar_t* partials /*[H,T,d]*/, const scalar_t* norm_weight /*[d]*/, float eps, int64_t H,
+                  int64_t T, int64_t d, scalar_t* r /*[T,d]*/, scalar_t* xn /*[T,d]*/) {
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(d);  // [d] fp32 row
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* res = residual + h * residual_group_stride + t * d;
+        const scalar_t* par = partials + (h * T + t) * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<float>(static_cast<scalar_t>(float(res[i]) + float(par[i])));
+      }
+      // mean = sum rounded to the dtype, then divided (ATen's mean is sum(...).div_(H)).
+      float sumsq = 0.f;
+      scalar_t* r_row = r + t * d;
+#pragma omp simd reduction(+ : sumsq)
+      for (int64_t i = 0; i < d; ++i) {
+        const scalar_t ri = static_cast<scalar_t>(float(static_cast<scalar_t>(acc[i])) / float(H));
+        r_row[i] = ri;
+        acc[i] = float(ri);
+        sumsq += acc[i] * acc[i];
+      }
+      const float rstd = 1.f / std::sqrt(sumsq / float(d) + eps);
+      scalar_t* xn_row = xn + t * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        xn_row[i] = static_cast<scalar_t>(float(norm_weight[i]) * float(static_cast<scalar_t>(acc[i] * rstd)));
+      }
+    }
+  });
+}
+
+// Softmax over E logits, top-(k/H) per block of E/H experts (descending, ties to the lower id),
+// weights renormalised over the k picks. Counts picks per expert into chunk_counts [E].
+template <typename scalar_t>
+void route_token(const scalar_t* logits /*[E]*/, int64_t E, int64_t H, int64_t k, bool renormalize,
+                 float* probs /*[E] scratch*/, int64_t* ids /*[k]*/, scalar_t* weights /*[k]*/,
+                 int64_t* chunk_counts /*[E]*/) {
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (int64_t e = 0; e < E; ++e) max_logit = std::max(max_logit, float(logits[e]));
+  float total = 0.f;
+  for (int64_t e = 0; e < E; ++e) {
+    probs[e] = std::exp(float(logits[e]) - max_logit);
+    total += probs[e];
+  }
+  const float inv_total = 1.f / total;
+  for (int64_t e = 0; e < E; ++e) probs[e] *= inv_total;
+
+  const int64_t block = E / H, per_group = k / H;
+  std::vector<float> picked(k);
+  for (int64_t g = 0; g < H; ++g) {
+    for (int64_t j = 0; j < per_group; ++j) {
+      int64_t best = -1;
+      for (int64_t e = g * block; e < (g + 1) * block; ++e) {
+        if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+      }
+      ids[g * per_group + j] = best;
+      picked[g * per_group + j] = probs[best];
+      probs[best] = -1.f;  // probabilities are >= 0: marks the expert as taken
+      ++chunk_counts[best];
+    }
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < k; ++j) sum += picked[j];
+  for (int64_t j = 0; j < k; ++j) weights[j] = static_cast<scalar_t>(renormalize ? picked[j] / sum : picked[j]);
+}
+
+template <typename scalar_t>
+void route_tokens(const scalar_t* logits /*[T,E]*/, int64_t T, int64_t E, int64_t H, int64_t k, bool renormalize,
+                  int64_t* ids /*[T,k]*/, scalar_t* weights /*[T,k]*/, int64_t* pairs /*[T*k]*/,
+                  int64_t* offsets /*[E+1]*/) {
+  const int64_t chunks = (T + kTokensPerChunk - 1) / kTokensPerChunk;
+  std::vector<int64_t> slots(chunks * E, 0);  // [chunks, E]: picks per (chunk, expert), then write cursors
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> probs(E);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t t = c * kTokensPerChunk; t < std::min(T, (c + 1) * kTokensPerChunk); ++t) {
+        route_token(logits + t * E, E, H, k, renormalize, probs.data(), ids + t * k, weights + t * k,
+                    slots.data() + c * E);
+      }
+    }
+  });
+  // Exclusive scan in (expert, chunk) order: chunk c's picks of expert e start after earlier chunks'.
+  int64_t position = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    offsets[e] = position;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t count = slots[c * E + e];
+      slots[c * E + e] = position;  // now the write cursor of (chunk c, expert e)
+      position += count;
+    }
+  }
+  offsets[E] = position;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* cursor = slots.data() + c * E;
+      const int64_t first = c * kTokensPerChunk * k, last = std::min(T, (c + 1) * kTokensPerChunk) * k;
+      for (int64_t p = first; p < last; ++p) pairs[cursor[ids[p]]++] = p;
+    }
+  });
+}
+
+}  // namespace
+
+void group_by_expert_host(const int64_t* ids, int64_t n, int64_t num_experts, int64_t* pairs, int64_t* offsets) {
+  std::vector<int64_t> cursor(num_experts + 1, 0);  // [E+1]
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < num_experts, "expert id ", ids[p], " out of range [0, ", num_experts, ")");
+    ++cursor[ids[p] + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) cursor[e + 1] += cursor[e];
+  std::copy(cursor.begin(), cursor.end(), offsets);
+  for (int64_t p = 0; p < n; ++p) pairs[cursor[ids[p]]++] = p;
+}
+
+RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor& partials,
+                                    const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
+                                    int64_t num_groups, int64_t top_k, bool renormalize) {
+  check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k);
+  TORCH_CHECK(partials.device().is_cpu(), "sum_route_dispatch_cpu got a ", partials.device(), " tensor");
+  const auto res = residual.contiguous(), par = partials.contiguous(), nw = norm_weight.contiguous();
+  const int64_t H = par.size(0), T = par.size(1), d = par.size(2), E = router_weight.size(0);
+  auto r = at::empty({T, d}, par.options());
+  auto xn = at::empty({T, d}, par.options());
+  auto ids = at::empty({T, top_k}, par.options().dtype(at::kLong));
+  auto weights = at::empty({T, top_k}, par.options());
+  auto pairs = at::empty({T * top_k}, par.options().dtype(at::kLong));
+  auto offsets = at::empty({E + 1}, par.options().dtype(at::kLong));
+  FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cpu", [&] {
+    sum_and_norm<scalar_t>(res.const_data_ptr<scalar_t>(), res.size(0) == 1 ? 0 : T * d,
+                           par.const_data_ptr<scalar_t>(), nw.const_data_ptr<scalar_t>(), float(eps), H, T, d,
+                           r.mutable_data_ptr<scalar_t>(), xn.mutable_data_ptr<scalar_t>());
+    const auto logits = at::linear(xn, router_weight).contiguous();  // [T,E], rounded like F.linear
+    route_tokens<scalar_t>(logits.const_data_ptr<scalar_t>(), T, E, num_groups, top_k, renormalize,
+                           ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<scalar_t>(),
+                           pairs.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>());
+  });
+  return {r, xn, ids, weights, pairs, offsets};
+}
+
+}  // namespace foe

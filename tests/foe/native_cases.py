@@ -1,0 +1,78 @@
+"""Shared inputs and checks for the compiled foe:: kernels (C++, CUDA, CuPy) against reference.py.
+
+Tolerances are per dtype (STYLE rule 8). Index outputs (ids, sorted_pairs, expert_offsets) must match
+exactly, except that two experts with *equal* probabilities may be picked in either order: torch.topk
+does not define its tie order, the kernels pick the lower expert id. bf16/fp16 logits tie often.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from foe_compile.kernels import reference
+
+# (rtol, atol) per dtype for float outputs of route (r, xn, weights) and experts (out).
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    # r/xn/logits round exactly as the reference does; left over: RMSNorm's sum-of-squares order can move
+    # xn by one ulp (bf16 ulp at 1 = 2^-7, fp16 = 2^-10), and GEMM accumulation order in the experts.
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+# (E, top_k, num_groups): E not a power of two, k/H in {1, 2}, H in {1, 2, 4}.
+ROUTINGS = [(12, 2, 1), (12, 2, 2), (12, 4, 2), (60, 4, 4), (60, 8, 4), (60, 1, 1)]
+
+
+def route_inputs(T: int, E: int, top_k: int, H: int, d: int = 48, dtype=torch.float32, device="cpu",
+                 residual_groups: int = 1, noncontiguous: bool = False, seed: int = 0):
+    """Arguments of foe::sum_route_dispatch; non-contiguous views when asked."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if noncontiguous:
+        residual = rand(T, residual_groups, 2 * d).transpose(0, 1)[..., ::2]  # [Hr, T, d] strided
+        partials = rand(T, H, d).transpose(0, 1)                               # [H, T, d] transposed
+        router = rand(d, E).t()                                                # [E, d] transposed
+    else:
+        residual, partials, router = rand(residual_groups, T, d), rand(H, T, d), rand(E, d)
+    norm_weight = 1 + 0.1 * rand(d)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(residual), to(partials), to(norm_weight), 1e-6, to(router), H, top_k, True
+
+
+def check_route(got, args) -> None:
+    """got = a kernel's outputs for `args`; compares with reference.sum_route_dispatch."""
+    want = reference.sum_route_dispatch(*args)
+    r, xn, ids, weights, pairs, offsets = got
+    rtol, atol = TOL[args[1].dtype]
+    torch.testing.assert_close(r, want[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(xn, want[1], rtol=rtol, atol=atol)
+    assert ids.dtype == pairs.dtype == offsets.dtype == torch.int64
+    # Ties only: where ids differ, the reference's probabilities of both picks are equal.
+    probs = F.softmax(F.linear(want[1], args[4]).float(), dim=-1)
+    differ = ids != want[2]
+    if differ.any():
+        torch.testing.assert_close(probs.gather(1, ids)[differ], probs.gather(1, want[2])[differ], rtol=0, atol=1e-6)
+    torch.testing.assert_close(weights, want[3], rtol=rtol, atol=atol)
+    expect_pairs, expect_offsets = reference.group_by_expert(ids, args[4].shape[0])
+    assert torch.equal(pairs, expect_pairs) and torch.equal(offsets, expect_offsets)
+    if not differ.any():
+        assert torch.equal(ids, want[2]) and torch.equal(pairs, want[4]) and torch.equal(offsets, want[5])
+
+
+def experts_inputs(T: int, E: int, top_k: int, H: int, d: int = 48, inter: int = 40, dtype=torch.float32,
+                   device="cpu", seed: int = 0):
+    """Arguments of foe::experts_swiglu, routed by the reference; gate and up rows differ in scale."""
+    route = reference.sum_route_dispatch(*route_inputs(T, E, top_k, H, d, torch.float32, "cpu", seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    gate_up = torch.randn(E, 2 * inter, d, generator=g) / d ** 0.5
+    gate_up[:, inter:] *= 0.25  # asymmetric: a gate/up swap changes the result
+    down = torch.randn(E, d, inter, generator=g) / inter ** 0.5
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    ids, weights, pairs, offsets = (t.to(device) for t in route[2:])
+    return to(route[1]), to(gate_up), to(down), ids, to(weights), pairs, offsets, H
+
+
+def check_experts(got, args) -> None:
+    want = reference.experts_swiglu(*args)
+    rtol, atol = TOL[args[0].dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
