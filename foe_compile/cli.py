@@ -89,6 +89,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distributed_bench(args: argparse.Namespace) -> int:
+    """Under torchrun: FoE vs EP vs exact, per-layer counted bytes and times (rank 0 prints)."""
+    import json
+
+    import torch.distributed as dist
+
+    from .distributed.bench import format_report, run_bench
+    from .distributed.launch import init_from_env
+
+    try:
+        device = init_from_env(timeout_s=args.timeout)
+        report = run_bench(args.model, args.tokens, args.batch or dist.get_world_size(), args.groups, args.repeats,
+                           args.seed, device, timeout_s=args.timeout)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if dist.get_rank() == 0:
+        print(format_report(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foe-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--gpus", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("distributed-bench", help="FoE vs EP vs exact bytes and times per layer (run via "
+                           "torchrun --nproc-per-node G -m foe_compile.cli distributed-bench)")
+    bench.add_argument("--model", choices=TINY, default="olmoe-tiny")
+    bench.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
+    bench.add_argument("--batch", type=int, default=None, help="sequences (default: the world size)")
+    bench.add_argument("--groups", type=int, default=None, help="H (default: the world size)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--timeout", type=float, default=120.0, help="collective timeout, seconds")
+    bench.add_argument("--json", help="write the report as JSON here (rank 0)")
+    bench.set_defaults(func=cmd_distributed_bench)
     return parser
 
 
