@@ -1,0 +1,92 @@
+"""Shared pass machinery: results, the one cleanup, graph dumps and small node predicates.
+
+Passes run on ATen graphs in pre-dispatch IR (torch.export's training IR, or `make_fx(...,
+pre_dispatch=True)` of a Dynamo graph): high-level ops such as aten.linear, aten.softmax.int,
+aten.topk and aten.scaled_dot_product_attention are still whole, and every node carries its
+FakeTensor in node.meta["val"].
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+@dataclass
+class PassResult:
+    name: str
+    rewrites: int  # matches found (find_*) or rewrites applied (everything else)
+
+    @property
+    def modified(self) -> bool:
+        return self.rewrites > 0
+
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """The one cleanup every modifying pass ends with: DCE, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def dump(gm: fx.GraphModule, step: int, name: str) -> None:
+    """With FOE_DUMP_GRAPHS=<dir>, write the graph after every pass (<dir>/<step>-<name>.txt)."""
+    folder = os.environ.get("FOE_DUMP_GRAPHS")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{step:02d}-{name}.txt"), "w") as f:
+        f.write(gm.print_readable(print_output=False))
+
+
+def is_op(node: object, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def users(node: fx.Node, *targets) -> list[fx.Node]:
+    return [u for u in node.users if is_op(u, *targets)]
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def val(node: fx.Node) -> torch.Tensor:
+    return node.meta["val"]
+
+
+def getitem_users(node: fx.Node) -> dict[int, fx.Node]:
+    """Index -> getitem node, for a node returning a tuple (topk, sort, chunk...)."""
+    import operator
+
+    return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+# Ops that pass a tensor through without changing its values (up to dtype casts).
+PASS_THROUGH = (aten.view.default, aten.reshape.default, aten.alias.default, aten.to.dtype,
+                aten._to_copy.default, aten.contiguous.default, aten.clone.default)
+
+
+def skip_pass_through(node: fx.Node) -> fx.Node:
+    """Walk up through views/casts to the node that produced the values."""
+    while is_op(node, *PASS_THROUGH):
+        node = node.args[0]
+    return node
+
+
+def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
+    """Erase the given nodes (in-place ops included) once nothing outside the set uses them."""
+    pending = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if not node.users:
+                gm.graph.erase_node(node)
+                pending.discard(node)
+                changed = True

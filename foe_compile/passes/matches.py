@@ -1,0 +1,46 @@
+"""What the find_* passes record in gm.meta for the rewriting passes that follow."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+MOE_KEY = "foe_moe_blocks"
+ATTENTION_KEY = "foe_attention"
+PARTIALS_KEY = "foe_partials"  # attention output node -> its per-group partials [H, ..., d]
+
+
+@dataclass
+class MoEMatch:
+    """One MoE block: router -> top-k -> SwiGLU experts -> weighted combine."""
+
+    kind: str  # "grouped_mm" (transformers v5), "index_add_loop" (v4 style), "dense_loop" (user block)
+    hidden: fx.Node  # experts' input [..., d]
+    router_input: fx.Node  # what the router linear reads (a view of `hidden`)
+    router_weight: fx.Node  # [E, d]
+    ids: fx.Node  # top-k expert ids [..., k]
+    weights: fx.Node  # routing weights [..., k], as the experts consume them
+    renormalize: bool
+    top_k: int
+    num_experts: int
+    output: fx.Node  # the block's combined output [..., d]
+    gate_up: fx.Node | None = None  # [E, 2I, d] (grouped_mm kind)
+    down: fx.Node | None = None  # [E, d, I] (grouped_mm kind)
+    per_expert: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (gate, up, down) weights
+    internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
+    pairs: fx.Node | None = None  # set when fused with sum_route_dispatch
+    offsets: fx.Node | None = None
+
+
+@dataclass
+class AttentionMatch:
+    """Grouped-query attention: q/k/v projections -> SDPA (KV heads repeated) -> o_proj."""
+
+    sdpa: fx.Node
+    q_proj: fx.Node
+    k_proj: fx.Node
+    v_proj: fx.Node
+    o_proj: fx.Node  # aten.linear over the concatenated heads
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
