@@ -23,5 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
+# Microbenchmarks (bench/conftest.py): GPU shapes in bf16 when CUDA is present, else the tiny
+# CPU mode; rows, plot and summary land in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q bench -p no:cacheprovider
+
 clean:
 	rm -rf $(VENV) build out *.egg-info
