@@ -211,3 +211,30 @@ def test_gpu_cuda_graph_route_and_experts():
             t.normal_()
         graph.replay()
         torch.testing.assert_close(out, layer(*args), atol=0, rtol=0)
+
+
+# ---- launch configurations (JSON data, one naming function) ---------------------------------
+
+def test_shipped_configs_load_and_validate():
+    from foe_compile.kernels import launch_configs as lc
+    files = sorted(lc.CONFIG_DIR.glob("*.json"))
+    assert files
+    for path in files:
+        table = lc._load(path.name, (lc.CONFIG_DIR,))
+        assert table and all(lc.validate(cfg) for cfg in table.values())
+
+
+def test_config_lookup_nearest_override_and_fallback(tmp_path, monkeypatch):
+    from foe_compile.kernels import launch_configs as lc
+    dev = torch.device("cpu")
+    small = {"BLOCK_M": 16, "gate_up": lc._gemm(32, 64, 1, 4, 2), "down": lc._gemm(32, 64, 1, 4, 2)}
+    big = {"BLOCK_M": 64, "gate_up": lc._gemm(64, 64, 8, 4, 2), "down": lc._gemm(64, 64, 8, 4, 2)}
+    path = tmp_path / lc.config_filename(5, 24, 40, torch.float32, lc.device_name(dev))
+    lc.write_configs(path, {1: small, 512: big}, untuned=False, note="test")
+    assert lc.get_config(5, 24, 40, 2, 100, torch.float32, dev) == lc.default_config(100, 5, 2)  # not in the path
+    monkeypatch.setenv("FOE_CONFIG_DIR", str(tmp_path))
+    assert lc.get_config(5, 24, 40, 2, 100, torch.float32, dev) == small   # nearest key: 1
+    assert lc.get_config(5, 24, 40, 2, 300, torch.float32, dev) == big     # nearest key: 512
+    check(make_case(45, 40, 24, 5, 2, 1))                                  # the kernels run with the file's config
+    with pytest.raises(ValueError, match="powers of two"):
+        lc.validate(dict(small, BLOCK_M=24))
