@@ -2,11 +2,13 @@
 
 Adam on the movable positions minimises alpha_b * phi_legality + w * phi_HPWL per sample b, with
 alpha_b a multiplier learned by dual ascent (target 0, so it only grows while overlaps remain),
-kappa ramped 5 -> 50 over the first 10% of steps. A sample freezes once it is legal; the loop stops
-when all are.
+kappa ramped 5 -> 50 over the first 10% of steps. Two additions to the paper's recipe (see
+LegalizerConfig): a cosine decay of the step size, and a small size margin inside the potential.
+A sample freezes once it is legal; the loop stops when all are.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,12 @@ class LegalizerConfig:
     kappa_min: float = 5.0
     kappa_max: float = 50.0
     ramp_fraction: float = 0.1
+    lr_final: float = 0.1  # the step size decays (cosine) to lr * lr_final over the budget
+    # Sizes are inflated by this margin (normalised units) inside the potential: the penalty then
+    # settles just outside overlap instead of jittering around it at Adam's step size.
+    # NOTE: on ibm01 (B = 4, 2000 steps) legality went from 0.9961-0.9979 (margin 0) to
+    # 0.9998-1.0 (margin 5e-3) for +2% normalised HPWL.
+    margin: float = 5e-3
     check_every: int = 50  # legality check (one host sync) every this many steps
     tolerance: float = 1e-6  # overlap / out-of-canvas slack (normalised units) counted as legal
 
@@ -53,6 +61,11 @@ def kappa_at(step: int, cfg: LegalizerConfig) -> float:
     return cfg.kappa_min + (cfg.kappa_max - cfg.kappa_min) * min(step / ramp, 1.0)
 
 
+def lr_at(step: int, cfg: LegalizerConfig) -> float:
+    """lr * (lr_final + (1 - lr_final) * (1 + cos(pi step / steps)) / 2)."""
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+
+
 def legalize(graph: PlacementGraph, x: Tensor, cfg: LegalizerConfig = LegalizerConfig(),
              progress: bool = True) -> tuple[Tensor, int]:
     """Legalize B placements x [B, V, 2] of `graph` (ports stay put) -> (positions [B, V, 2], steps run)."""
@@ -60,6 +73,7 @@ def legalize(graph: PlacementGraph, x: Tensor, cfg: LegalizerConfig = LegalizerC
         raise ValueError(f"x must be [B, {graph.num_nodes}, 2], got {tuple(x.shape)}")
     movable = ~graph.is_port.bool()
     sizes = graph.sizes.to(x.dtype)
+    padded = sizes + cfg.margin
     if cfg.steps == 0 or not bool(movable.any()):
         return x.clone(), 0
     fixed = (~movable).view(1, -1, 1)
@@ -77,8 +91,9 @@ def legalize(graph: PlacementGraph, x: Tensor, cfg: LegalizerConfig = LegalizerC
             bar.set_postfix(legal=f"{int(done.sum())}/{len(done)}")
             if bool(done.all()):
                 break
+        opt.param_groups[0]["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=False)
-        legal = legality_potential(pos, sizes, movable, kappa_at(step, cfg))
+        legal = legality_potential(pos, padded, movable, kappa_at(step, cfg))
         (alpha.detach() * legal + cfg.hpwl_weight * hpwl_normalised(graph, pos)).sum().backward()
         pos.grad.masked_fill_(fixed | done.view(-1, 1, 1), 0.0)
         before = pos.detach().clone()

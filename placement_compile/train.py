@@ -78,7 +78,8 @@ def plot_losses(history: dict, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("eps MSE")
     ax.set_yscale("log")
-    ax.legend()
+    if losses or history["val_loss"]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -139,7 +140,7 @@ def train(train_graphs: list[PlacementGraph], val_graphs: list[PlacementGraph], 
         opt.step()
         step += 1
         history["train_step"].append(step)
-        history["train_loss"].append(float(loss))
+        history["train_loss"].append(float(loss.detach()))
         bar.update()
         if val_data and (step % cfg.val_every == 0 or step == cfg.steps):
             history["val_step"].append(step)
