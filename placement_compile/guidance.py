@@ -15,8 +15,13 @@ from torch import Tensor
 from placement_compile.graph import PlacementGraph
 from placement_compile.metrics import hpwl_normalised
 
-# Rows i of the [B, rows, V, 2] pairwise tensors computed at once (bounds memory for big V).
-PAIR_ROWS = 2048
+# Elements of one [B, rows, M] pairwise chunk (~64 MiB per fp32 temporary): bounds memory for big M.
+PAIR_CHUNK_ELEMENTS = 1 << 24
+
+
+def pair_rows(batch: int, m: int) -> int:
+    """Rows i of the [B, rows, M] pairwise tensors computed at once."""
+    return max(1, PAIR_CHUNK_ELEMENTS // max(batch * m, 1))
 
 
 def pair_potential_reference(x: Tensor, sizes: Tensor, kappa: float) -> Tensor:
@@ -30,7 +35,7 @@ def pair_potential_reference(x: Tensor, sizes: Tensor, kappa: float) -> Tensor:
     mass = sizes.prod(-1).clamp(min=0).sqrt()
     delta = (x.unsqueeze(2) - x.detach().unsqueeze(1)).abs() - (sizes.unsqueeze(1) + sizes) / 2
     gap = (F.softmax(kappa * delta, dim=-1) * delta).sum(-1)  # [B, M, M]
-    weight = (mass / (mass.unsqueeze(1) + mass).clamp(min=1e-12)) * (1 - torch.eye(M, dtype=x.dtype))
+    weight = (mass / (mass.unsqueeze(1) + mass).clamp(min=1e-12)) * (1 - torch.eye(M, dtype=x.dtype, device=x.device))
     return (F.relu(-gap) ** 2 / 4 * weight).sum(dim=(1, 2))
 
 
@@ -46,15 +51,16 @@ class _PairPotential(torch.autograd.Function):
         B, M, _ = x.shape
         mass = sizes.prod(-1).clamp(min=0).sqrt()  # [M]
         value, grad = x.new_zeros(B), torch.empty_like(x)
-        for start in range(0, M, PAIR_ROWS):
-            rows = slice(start, min(start + PAIR_ROWS, M))
+        step = pair_rows(B, M)
+        for start in range(0, M, step):
+            rows = slice(start, min(start + step, M))
             diff = x[:, rows].unsqueeze(2) - x.unsqueeze(1)  # [B, r, M, 2]
             delta = diff.abs() - (sizes[rows].unsqueeze(1) + sizes) / 2
             dx, dy = delta.unbind(-1)
             px = torch.sigmoid(kappa * (dx - dy))
             gap = dy + px * (dx - dy)  # [B, r, M]
             weight = mass / (mass[rows].unsqueeze(1) + mass).clamp(min=1e-12)  # [r, M]
-            weight = weight * (torch.arange(start, rows.stop).unsqueeze(1) != torch.arange(M))
+            weight = weight * (torch.arange(start, rows.stop, device=x.device).unsqueeze(1) != torch.arange(M, device=x.device))
             pen = F.relu(-gap) * weight  # relu(-l) w
             value += (pen * F.relu(-gap)).sum(dim=(1, 2)) / 4
             coef = -pen / 2  # d(w relu(-l)^2 / 4) / dl
@@ -117,7 +123,7 @@ class Guidance:
         self.graph, self.cfg = graph, cfg
         self.movable = ~graph.is_port.bool()
         self.sizes = graph.sizes.float()
-        self.alpha = torch.full((batch,), cfg.alpha_init, requires_grad=True)
+        self.alpha = torch.full((batch,), cfg.alpha_init, device=graph.sizes.device, requires_grad=True)
         self.alpha_opt = torch.optim.Adam([self.alpha], lr=cfg.alpha_lr)
 
     def potentials(self, x: Tensor, kappa: float) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from placement_compile.graph import PlacementGraph
-from placement_compile.guidance import legality_potential
+from placement_compile.guidance import legality_potential, pair_rows
 from placement_compile.metrics import hpwl_normalised
 
 
@@ -47,13 +47,15 @@ def hard_violation(x: Tensor, sizes: Tensor, movable: Tensor) -> Tensor:
     Pair depth = min over axes of (s_i + s_j) / 2 - |x_i - x_j| (positive when boxes overlap).
     """
     xm, sm = x[:, movable], sizes[movable]
-    M = xm.shape[1]
-    if M == 0:
-        return x.new_zeros(x.shape[0])
-    depth = ((sm.unsqueeze(1) + sm) / 2 - (xm.unsqueeze(2) - xm.unsqueeze(1)).abs()).amin(-1)
-    depth = depth - 3.0 * torch.eye(M, dtype=x.dtype, device=x.device)  # self-pairs never count
-    outside = (xm.abs() + sm / 2 - 1).amax(dim=(1, 2))
-    return torch.maximum(depth.flatten(1).amax(1), outside).clamp(min=0)
+    B, M = xm.shape[:2]
+    worst = (xm.abs() + sm / 2 - 1).flatten(1).amax(1) if M else x.new_zeros(B)
+    step = pair_rows(B, M)
+    for start in range(0, M, step):
+        rows = slice(start, min(start + step, M))
+        depth = ((sm[rows].unsqueeze(1) + sm) / 2 - (xm[:, rows].unsqueeze(2) - xm.unsqueeze(1)).abs()).amin(-1)
+        not_self = torch.arange(start, rows.stop, device=x.device).unsqueeze(1) != torch.arange(M, device=x.device)
+        worst = torch.maximum(worst, torch.where(not_self, depth, -1.0).flatten(1).amax(1))
+    return worst.clamp(min=0)
 
 
 def kappa_at(step: int, cfg: LegalizerConfig) -> float:
@@ -78,10 +80,10 @@ def legalize(graph: PlacementGraph, x: Tensor, cfg: LegalizerConfig = LegalizerC
         return x.clone(), 0
     fixed = (~movable).view(1, -1, 1)
     pos = x.detach().clone().requires_grad_(True)
-    alpha = torch.full((x.shape[0],), cfg.alpha_init, requires_grad=True)
+    alpha = torch.full((x.shape[0],), cfg.alpha_init, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([pos], lr=cfg.lr)
     alpha_opt = torch.optim.Adam([alpha], lr=cfg.alpha_lr)
-    done = torch.zeros(x.shape[0], dtype=torch.bool)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     step = 0
     bar = tqdm(range(cfg.steps), desc="legalize", disable=not progress, leave=False)
     for step in bar:

@@ -44,9 +44,16 @@ class PlaceResult:
     legalizer_steps: int
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work finished (honest per-phase times on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def _denoise(model: AttGNN, x: Tensor, t: float, inputs: DenoiserInputs) -> Tensor:
-    return model(x, torch.full((x.shape[0],), t, dtype=x.dtype), inputs)
+    return model(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), inputs)
 
 
 def sample(model: AttGNN, graph: PlacementGraph, cfg: PlaceConfig,
@@ -61,16 +68,16 @@ def sample(model: AttGNN, graph: PlacementGraph, cfg: PlaceConfig,
     fixed = graph.is_port.bool().view(1, -1, 1)
     ports = graph.positions.float().unsqueeze(0)
     guide = Guidance(graph, B, cfg.guidance)
-    x = torch.where(fixed, ports, torch.randn(B, V, 2, generator=generator))
+    x = torch.where(fixed, ports, torch.randn(B, V, 2, generator=generator).to(ports.device))
     times = sampling_times(cfg.steps).tolist() + [0.0]
     seconds = {"denoiser": 0.0, "guidance": 0.0}
     for t, s in tqdm(list(zip(times[:-1], times[1:])), desc="diffusion", disable=not cfg.progress, leave=False):
-        tic = time.perf_counter()
+        tic = _clock(x.device)
         x0_hat = predict_x0(x, _denoise(model, x, t, inputs), t)
-        toc = time.perf_counter()
+        toc = _clock(x.device)
         x0_hat = guide.refine(x0_hat, t)
-        seconds["guidance"] += time.perf_counter() - toc
-        noise = torch.randn(B, V, 2, generator=generator)
+        seconds["guidance"] += _clock(x.device) - toc
+        noise = torch.randn(B, V, 2, generator=generator).to(x.device)  # CPU generator: same draws on any device
         x = ancestral_step(x, x0_hat, t, s, noise).clamp(-CLAMP, CLAMP)
         x = torch.where(fixed, ports, x)
         seconds["denoiser"] += toc - tic
@@ -96,9 +103,9 @@ def place(model: AttGNN, graph: PlacementGraph, cfg: PlaceConfig = PlaceConfig()
                            [float(hpwl_normalised(graph, pos))] * cfg.samples, 0,
                            {"denoiser": 0.0, "guidance": 0.0, "legalizer": 0.0, "select": 0.0}, 0)
     x, seconds = sample(model, graph, cfg, generator)
-    tic = time.perf_counter()
+    tic = _clock(x.device)
     x, legal_steps = legalize(graph, x, cfg.legalizer, progress=cfg.progress)
-    seconds["legalizer"] = time.perf_counter() - tic
+    seconds["legalizer"] = _clock(x.device) - tic
     tic = time.perf_counter()
     legality = [legality_score(graph, x[b]) for b in range(cfg.samples)]
     hpwl = hpwl_normalised(graph, x).tolist()

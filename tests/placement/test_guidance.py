@@ -67,3 +67,23 @@ def test_ports_get_no_gradient_and_dual_ascent_only_late():
     legal, wire = guide.potentials(x, 10.0)
     assert legal.shape == wire.shape == (2,)
     assert bool((legality_potential(x, graph.sizes, ~graph.is_port, 10.0) > 0).all())
+
+
+def test_chunked_pairs_match_one_chunk(monkeypatch):
+    import placement_compile.guidance as guidance
+    from placement_compile.legalizer import hard_violation
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(3, 37, 2, generator=gen, dtype=torch.float64) * 1.6 - 0.8).requires_grad_(True)
+    sizes = torch.rand(37, 2, generator=gen, dtype=torch.float64) * 0.3 + 0.02
+    movable = torch.ones(37, dtype=torch.bool)
+    whole = pair_potential(x, sizes, 10.0)
+    (g_whole,) = torch.autograd.grad(whole.sum(), x)
+    depth = hard_violation(x.detach(), sizes, movable)
+    monkeypatch.setattr(guidance, "PAIR_CHUNK_ELEMENTS", 3 * 37 * 5)  # 5 rows: chunks of 5, last of 2
+    assert guidance.pair_rows(3, 37) == 5
+    chunked = pair_potential(x, sizes, 10.0)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hard_violation(x.detach(), sizes, movable), depth, rtol=0, atol=0)
