@@ -36,7 +36,7 @@ def _extensions():
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     defines = [f'-DFOE_TORCH_VERSION="{torch.__version__}"', f'-DFOE_GIT_COMMIT="{_git_commit()}"']
-    cxx = ["-O3", "-fopenmp-simd", "-std=c++17", *defines]
+    cxx = ["-O3", "-fopenmp-simd", *defines]  # the C++ standard comes from cpp_extension (torch-specific)
     if not with_cuda:
         ext = cpp_extension.CppExtension("foe_compile._C", CPU_SOURCES, include_dirs=[str(ROOT / "csrc")],
                                          extra_compile_args={"cxx": cxx})
@@ -46,7 +46,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension("foe_compile._C", CPU_SOURCES + CUDA_SOURCES,
                                           include_dirs=[str(ROOT / "csrc")],
                                           extra_compile_args={"cxx": cxx + cuda_defines,
-                                                              "nvcc": ["-O3", "-std=c++17", *defines, *cuda_defines]})
+                                                              "nvcc": ["-O3", *defines, *cuda_defines]})
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

@@ -1,0 +1,86 @@
+// foe::experts_swiglu_native on CUDA: launches kernels/experts_swiglu.cuh (correctness-first, graph-safe),
+// and registers the CUDA kernels of both native ops.
+#include "dispatch_types.h"
+#include "cuda_launch.h"
+#include "foe_ops.h"
+#include "kernels/experts_swiglu.cuh"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace foe {
+
+namespace {
+
+template <typename scalar_t>
+struct ExpertsKernels;
+template <>
+struct ExpertsKernels<float> {
+  using type = float;
+  static constexpr auto up = foe_experts_up_f32;
+  static constexpr auto down = foe_experts_down_f32;
+};
+template <>
+struct ExpertsKernels<at::BFloat16> {
+  using type = foe_bf16;
+  static constexpr auto up = foe_experts_up_bf16;
+  static constexpr auto down = foe_experts_down_bf16;
+};
+template <>
+struct ExpertsKernels<at::Half> {
+  using type = foe_f16;
+  static constexpr auto up = foe_experts_up_f16;
+  static constexpr auto down = foe_experts_down_f16;
+};
+
+template <typename scalar_t>
+const typename ExpertsKernels<scalar_t>::type* as_kernel(const at::Tensor& t) {
+  return reinterpret_cast<const typename ExpertsKernels<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+
+}  // namespace
+
+at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                               const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                               const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups) {
+  check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups);
+  TORCH_CHECK(x.is_cuda(), "experts_swiglu_cuda got a ", x.device(), " tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xs = x.contiguous(), gu = gate_up.contiguous(), dn = down.contiguous();
+  const auto ids = topk_ids.contiguous(), weights = topk_weights.contiguous(), pairs = sorted_pairs.contiguous();
+  const int64_t T = xs.size(0), d = xs.size(1), k = ids.size(1), n = T * k;
+  const int64_t E = gu.size(0), inter = gu.size(1) / 2;
+  auto out = at::empty({num_groups, T, d}, xs.options());                  // [G,T,d], every entry written
+  auto hidden = at::empty({n, inter}, xs.options().dtype(at::kFloat));     // [T*k,I] by pair id
+  if (n == 0) return out;
+  TORCH_CHECK(inter <= 65535LL * FOE_ROWS_PER_BLOCK && d <= 65535LL * FOE_ROWS_PER_BLOCK,
+              "experts_swiglu_cuda: I and d must be <= ", 65535 * FOE_ROWS_PER_BLOCK);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FOE_DISPATCH_FLOAT_TYPES(xs.scalar_type(), "experts_swiglu_cuda", [&] {
+    using Kernels = ExpertsKernels<scalar_t>;
+    const dim3 up_grid(static_cast<unsigned>(n), static_cast<unsigned>((inter + FOE_ROWS_PER_BLOCK - 1) / FOE_ROWS_PER_BLOCK));
+    Kernels::up<<<up_grid, FOE_EXPERT_THREADS, 0, stream>>>(as_kernel<scalar_t>(xs), as_kernel<scalar_t>(gu),
+                                                             ll_ptr(ids),
+                                                             ll_ptr(pairs), d, inter,
+                                                             static_cast<int>(k), hidden.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 down_grid(static_cast<unsigned>(T * num_groups), static_cast<unsigned>((d + FOE_ROWS_PER_BLOCK - 1) / FOE_ROWS_PER_BLOCK));
+    Kernels::down<<<down_grid, FOE_EXPERT_THREADS, 0, stream>>>(
+        as_kernel<scalar_t>(dn), ll_ptr(ids), as_kernel<scalar_t>(weights),
+        hidden.const_data_ptr<float>(), d, inter, static_cast<int>(k), static_cast<int>(E / num_groups),
+        static_cast<int>(num_groups), T,
+        reinterpret_cast<typename Kernels::type*>(out.mutable_data_ptr<scalar_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace foe
+
+TORCH_LIBRARY_IMPL(foe, CUDA, m) {
+  m.impl("sum_route_dispatch_native", &foe::sum_route_dispatch_cuda);
+  m.impl("experts_swiglu_native", &foe::experts_swiglu_cuda);
+}
