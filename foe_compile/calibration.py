@@ -27,6 +27,13 @@ def as_batches(inputs: Tensor | Iterable[Tensor] | None) -> list[Tensor]:
     return batches
 
 
+def as_example_inputs(inputs: Tensor | Iterable[Tensor] | None) -> list[Tensor]:
+    """Positional example inputs for capturing a generic model (a tensor is one argument)."""
+    if inputs is None:
+        return []
+    return [inputs] if isinstance(inputs, Tensor) else list(inputs)
+
+
 @dataclass
 class Trace:
     logits: list[Tensor]  # per batch, [B, T, V]

@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from . import assignment
 from .build import replace_layers
-from .calibration import as_batches, max_rel_error, rel_error, routing_stats, trace
+from .calibration import as_batches, as_example_inputs, max_rel_error, rel_error, routing_stats, trace
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
-from .families import Family, family_of
+from .families import Family, family_of, is_supported_family
+from .generic import convert_generic
 from .report import CommunicationReport, ConversionReport, LayerReport
 from .serialization import is_converted, mark_converted
 from .shape import ModelShape
@@ -27,6 +28,9 @@ def convert(
     **overrides: Any,
 ) -> tuple[nn.Module, ConversionReport]:
     """Convert a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE causal LM in place, per instance.
+
+    Any other MoE model goes through the FX path (foe_compile/generic.py): captured with
+    torch.export on `calibration_inputs`, rewritten to the exact form, returned as a GraphModule.
 
     Weights become views of the source's (zero-copy; a calibrated expert permutation copies
     the experts it moves); works on the meta device. Keyword overrides update `config`.
@@ -42,6 +46,8 @@ def convert(
         True
     """
     config = (config or FoEConfig()).replace(**overrides)
+    if not is_supported_family(model):
+        return convert_generic(model, config, as_example_inputs(calibration_inputs))
     family = family_of(model)
     if is_converted(model):
         raise ValueError(f"{type(model).__name__} is already converted; convert the source model instead")

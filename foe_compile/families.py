@@ -39,6 +39,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def is_supported_family(model: nn.Module) -> bool:
+    """A Hugging Face causal LM of a family above; anything else goes through the FX path."""
+    return getattr(getattr(model, "config", None), "model_type", None) in FAMILIES
+
+
 def family_of(model: nn.Module) -> Family:
     """The Family of a Hugging Face causal LM, or a ValueError listing the supported ones."""
     config = getattr(model, "config", None)

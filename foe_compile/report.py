@@ -73,9 +73,10 @@ class ConversionReport:
                 f"{lr.index:>5} {lr.kind:>5} {'yes' if lr.exact else 'no':>5} {fmt(lr.routing_agreement, '6.3f'):>6} "
                 f"{fmt(lr.prob_mass_kept, '6.3f'):>6} {fmt(lr.hidden_rel_error, '9.2e'):>9}  {why}"
             )
-        if self.calibration_tokens:
+        if self.logits_rel_error is not None:
+            on = f"{self.calibration_tokens} tokens" if self.calibration_tokens else "the calibration inputs"
             lines.append(
-                f"logits vs source on {self.calibration_tokens} tokens: rel err {fmt(self.logits_rel_error, '.2e')}, "
+                f"outputs vs source on {on}: rel err {fmt(self.logits_rel_error, '.2e')}, "
                 f"max rel err {fmt(self.logits_max_rel_error, '.2e')}, "
                 f"next-token agreement {fmt(self.next_token_agreement, '.3f')}"
             )

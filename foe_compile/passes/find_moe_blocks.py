@@ -195,9 +195,11 @@ def _dense_loop(c: dict) -> MoEMatch | None:
     output = _sum_chain(terms)
     if output is None:
         return None
+    # The experts read only `hidden`: their nodes are the output's ancestors that are not the
+    # input's or the router's.
+    outside = _ancestors(hidden) | _ancestors(ids) | _ancestors(weights) | {hidden, ids, weights}
     return MoEMatch("dense_loop", hidden=hidden, output=output, per_expert=per_expert,
-                    internal=_internal([ids, weights], output) | _ancestors(output) - _ancestors(hidden)
-                    - {hidden}, **c)
+                    internal=_internal([ids, weights], output) | (_ancestors(output) - outside), **c)
 
 
 def _sum_chain(terms: list[fx.Node]) -> fx.Node | None:

@@ -81,7 +81,7 @@ def skip_pass_through(node: fx.Node) -> fx.Node:
 
 def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
     """Erase the given nodes (in-place ops included) once nothing outside the set uses them."""
-    pending = set(nodes)
+    pending = {n for n in nodes if not getattr(n, "_erased", False)}
     changed = True
     while changed:
         changed = False

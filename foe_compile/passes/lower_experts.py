@@ -1,7 +1,7 @@
 """lower_experts: replace each matched expert computation with foe::experts_swiglu.
 
-Expects the MoEMatch records of find_moe_blocks (and, when fuse_sum_route_dispatch ran, the
-pairs/offsets it produced). Preserves the block's output exactly up to summation order: the op
+Expects the MoEMatch records of find_moe_blocks (and, when fuse_sum_route_dispatch ran, its
+fused node, whose pairs/offsets outputs the experts consume). Preserves the block's output exactly up to summation order: the op
 computes the same sum over the k picks of w * down(silu(gate(x)) * up(x)).
 With `num_groups` H > 1 the op returns one partial per expert group and the block output is
 their sum (exact form: the second all-reduce).
@@ -35,12 +35,11 @@ def _lower(gm: fx.GraphModule, m: MoEMatch, num_groups: int) -> None:
         ids = g.call_function(aten.reshape.default, (m.ids, [-1, m.top_k]))
         weights = g.call_function(aten.reshape.default, (m.weights, [-1, m.top_k]))
         weights = g.call_function(aten.to.dtype, (weights, val(m.hidden).dtype))
-        if m.pairs is None:
+        if m.route is None:
             grouped = g.call_function(group_by_expert, (ids, m.num_experts))
-            pairs = g.call_function(operator.getitem, (grouped, 0))
-            offsets = g.call_function(operator.getitem, (grouped, 1))
-        else:
-            pairs, offsets = m.pairs, m.offsets
+            pairs, offsets = (g.call_function(operator.getitem, (grouped, i)) for i in (0, 1))
+        else:  # outputs 4 and 5 of foe::sum_route_dispatch
+            pairs, offsets = (g.call_function(operator.getitem, (m.route, i)) for i in (4, 5))
         gate_up, down = m.gate_up, m.down
         if gate_up is None:
             # NOTE: per-expert nn.Linear weights are stacked on every call ([E, 2I, d] and

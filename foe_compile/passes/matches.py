@@ -28,8 +28,7 @@ class MoEMatch:
     down: fx.Node | None = None  # [E, d, I] (grouped_mm kind)
     per_expert: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (gate, up, down) weights
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
-    pairs: fx.Node | None = None  # set when fused with sum_route_dispatch
-    offsets: fx.Node | None = None
+    route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
 
 
 @dataclass

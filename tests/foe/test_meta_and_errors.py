@@ -52,8 +52,8 @@ def test_exact_mode_does_not_need_k_divisible():
 def test_non_moe_model_is_rejected():
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64)
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type='llama'\).*supported model types"):
-        convert(LlamaForCausalLM(cfg))
+    with pytest.raises(ValueError, match=r"no MoE block found in LlamaForCausalLM.*families converted directly"):
+        convert(LlamaForCausalLM(cfg), mode="exact", calibration_inputs=tokens(1, 4, vocab=64))
 
 
 def test_bad_options_are_rejected(source):

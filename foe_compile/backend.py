@@ -1,0 +1,59 @@
+"""torch.compile(model, backend="foe"): capture -> FX passes -> Inductor.
+
+    compiled = torch.compile(model, backend="foe", fullgraph=True)
+    compiled = torch.compile(model, backend="foe", options={"num_groups": 2, "compiler": "eager"})
+
+Options: num_groups (H for the exact-form partition; default: the largest H dividing every
+KV-head and expert count), compiler ("inductor", default, or "eager": run the rewritten ATen
+graph as is, for debugging and fast tests). FOE_DUMP_GRAPHS=<dir> writes the graph after
+every pass. The backend never changes what a model computes: it applies exact rewrites only
+(a converted model already carries its FoE form and its foe:: ops).
+Per-expert loops with data-dependent shapes (v4-style index_add_) need
+torch._dynamo.config.capture_dynamic_output_shape_ops = True to be captured in one graph.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import fx
+
+from .capture import aten_graph_from_dynamo
+from .passes import run_passes
+
+log = logging.getLogger(__name__)
+_OPTIONS = ("num_groups", "compiler")
+
+
+def foe_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown foe backend option(s) {unknown}; valid: {list(_OPTIONS)}")
+    compiler = options.get("compiler", "inductor")
+    if compiler not in ("inductor", "eager"):
+        raise ValueError(f"foe backend option compiler must be 'inductor' or 'eager', got {compiler!r}")
+    aten_gm = aten_graph_from_dynamo(gm, example_inputs)
+    results = run_passes(aten_gm, options.get("num_groups"))
+    log.info("foe passes: %s", ", ".join(f"{r.name}={r.rewrites}" for r in results))
+    aten_gm.meta["foe_pass_results"] = results
+    last_results.clear()
+    last_results.extend(results)
+    if compiler == "eager":
+        return aten_gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(aten_gm, example_inputs)
+
+
+# The pass results of the most recent compilation (for tests, benchmarks and the CLI).
+last_results: list = []
+
+
+def register() -> None:
+    """Make backend="foe" available (also declared as a torch_dynamo_backends entry point)."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "foe" not in list_backends(exclude_tags=()):
+        register_backend(compiler_fn=foe_backend, name="foe")
+

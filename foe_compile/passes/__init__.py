@@ -1,0 +1,43 @@
+"""The FX pass pipeline over pre-dispatch ATen graphs, in order. One pass per file.
+
+Ordering constraints:
+1. find_moe_blocks and find_gqa_attention only record (gm.meta); every rewrite needs them.
+2. partition_groups before fuse_sum_route_dispatch: the fused op takes the per-group
+   attention partials as its `partials` input (the all-reduce point).
+3. fuse_sum_route_dispatch before lower_experts: it produces the token grouping
+   (pairs/offsets) that foe::experts_swiglu consumes; without it lower_experts groups itself.
+Only exact rewrites live here: the FoE form (group streams, quota routing) changes what a
+model computes and comes only from an explicit convert(model, mode="foe").
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from .find_gqa_attention import find_gqa_attention
+from .find_moe_blocks import UnrecognisedMoE, find_moe_blocks
+from .fuse_sum_route_dispatch import fuse_sum_route_dispatch
+from .infra import PassResult, cleanup, dump
+from .lower_experts import lower_experts
+from .partition_groups import GROUPS_KEY, partition_groups
+
+__all__ = ["PassResult", "UnrecognisedMoE", "run_passes"]
+
+
+def run_passes(gm: fx.GraphModule, num_groups: int | None = None) -> list[PassResult]:
+    """Run the pipeline in place; returns each pass's result. See the module docstring."""
+    steps = [
+        find_moe_blocks,
+        find_gqa_attention,
+        lambda g: partition_groups(g, num_groups),
+        fuse_sum_route_dispatch,
+        lambda g: lower_experts(g, g.meta[GROUPS_KEY]),
+    ]
+    dump(gm, 0, "captured")
+    results = []
+    for i, step in enumerate(steps, start=1):
+        result = step(gm)
+        if result.modified and not result.name.startswith("find_"):
+            cleanup(gm)
+        dump(gm, i, result.name)
+        results.append(result)
+    return results

@@ -1,0 +1,121 @@
+"""fuse_sum_route_dispatch: residual sum + RMSNorm + router + top-k + renormalisation + grouping
+by expert -> one foe::sum_route_dispatch.
+
+Matches, for every MoE block found by find_moe_blocks:
+    x  = residual + o                   (o: attention output, or its per-group partials mean)
+    xn = RMSNorm(x) * w                 (aten.rms_norm, or the Hugging Face fp32 decomposition)
+    ids, weights = topk(softmax(linear(xn, W_router)), k) [renormalised]
+and rewrites it to one op with global top-k (num_groups=1: the exact form, never quota routing).
+Bails out (no rewrite) when the block's input is not such a norm of such a sum. Preserves
+values up to summation order; the fused node is recorded for lower_experts (pairs, offsets).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from ..kernels import ops  # noqa: F401  registers torch.ops.foe
+from .infra import PassResult, aten, erase_unused, is_op, skip_pass_through, val
+from .matches import MOE_KEY, PARTIALS_KEY, MoEMatch
+
+CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def fuse_sum_route_dispatch(gm: fx.GraphModule) -> PassResult:
+    fused = sum(_fuse(gm, m) for m in gm.meta.get(MOE_KEY, []))
+    return PassResult("fuse_sum_route_dispatch", fused)
+
+
+def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float, set[fx.Node]] | None:
+    """(x, weight, eps, nodes of the norm) for aten.rms_norm or the HF decomposition
+    weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(dtype), x32 = x.to(float32)."""
+    if is_op(out, aten.rms_norm.default):
+        eps = out.args[3] if len(out.args) > 3 and out.args[3] is not None else torch.finfo(val(out).dtype).eps
+        return out.args[0], out.args[2], float(eps), {out}
+    if not is_op(out, aten.mul.Tensor):
+        return None
+    weight, scaled = out.args
+    if not isinstance(weight, fx.Node) or not isinstance(scaled, fx.Node):
+        return None
+    if val(weight).dim() != 1:
+        weight, scaled = scaled, weight
+    inner = scaled.args[0] if is_op(scaled, *CASTS) else scaled
+    if not is_op(inner, aten.mul.Tensor):
+        return None
+    x32, rs = inner.args
+    if not is_op(rs, aten.rsqrt.default):
+        x32, rs = rs, x32
+    add = rs.args[0] if is_op(rs, aten.rsqrt.default) else None
+    mean = add.args[0] if is_op(add, aten.add.Tensor) else None
+    power = mean.args[0] if is_op(mean, aten.mean.dim) else None
+    if not is_op(power, aten.pow.Tensor_Scalar) or power.args[0] is not x32 or power.args[1] != 2:
+        return None
+    x = x32.args[0] if is_op(x32, *CASTS) else x32
+    return x, weight, float(add.args[1]), {out, scaled, inner, rs, add, mean, power, x32}
+
+
+def _fuse(gm: fx.GraphModule, m: MoEMatch) -> int:
+    norm_out = skip_pass_through(m.router_input)
+    norm = match_rms_norm(norm_out)
+    if norm is None or skip_pass_through(m.hidden) is not norm_out:
+        return 0
+    x, weight, eps, norm_nodes = norm
+    if not is_op(x, aten.add.Tensor) or not all(isinstance(a, fx.Node) for a in x.args):
+        return 0
+    partials_of = gm.meta.get(PARTIALS_KEY, {})
+    residual, o = (x.args[1], x.args[0]) if x.args[0] in partials_of else x.args
+    g, d = gm.graph, val(x).shape[-1]
+    with g.inserting_before(x.next):
+        res = g.call_function(aten.reshape.default, (residual, [1, -1, d]))
+        if o in partials_of:
+            parts = partials_of[o]
+            parts = g.call_function(aten.reshape.default, (parts, [val(parts).shape[0], -1, d]))
+        else:
+            parts = g.call_function(aten.reshape.default, (o, [1, -1, d]))
+        fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,
+                                (res, parts, weight, eps, m.router_weight, 1, m.top_k, m.renormalize))
+        r, xn, ids, weights = (g.call_function(operator.getitem, (fused, i)) for i in range(4))
+        r = g.call_function(aten.reshape.default, (r, list(val(x).shape)))
+        xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (xn, list(val(norm_out).shape))),
+                                             val(norm_out).dtype))
+        ids = g.call_function(aten.reshape.default, (ids, list(val(m.ids).shape)))
+        weights = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (
+            weights, list(val(m.weights).shape))), val(m.weights).dtype))
+        # x itself, and an fp32 cast of x (same values; Hugging Face reads it as the residual)
+        aliases = [x] + [n for n in norm_nodes if is_op(n, *CASTS) and n.args[0] is x]
+        r_as = {a: r if val(a).dtype == val(x).dtype else g.call_function(aten.to.dtype, (r, val(a).dtype))
+                for a in aliases}
+    for new, old in ((r, x), (xn, norm_out), (ids, m.ids), (weights, m.weights)):
+        new.meta["val"] = val(old)  # later passes read shapes from node.meta["val"]
+    router_nodes = _between(m.router_input, {m.ids, m.weights})
+    norm_out.replace_all_uses_with(xn)
+    m.ids.replace_all_uses_with(ids)
+    m.weights.replace_all_uses_with(weights)
+    for alias, replacement in r_as.items():
+        for user in [u for u in alias.users if u not in norm_nodes]:
+            user.replace_input_with(alias, replacement)
+    erase_unused(gm, norm_nodes | router_nodes | {x, m.ids, m.weights, m.router_input})
+    m.ids, m.weights, m.route = ids, weights, fused
+    if m.hidden is norm_out:  # erased above; the experts now read the fused op's xn
+        m.hidden = xn
+    return 1
+
+
+def _between(start: fx.Node, ends: set[fx.Node]) -> set[fx.Node]:
+    """Every node on a path from `start` down to one of `ends` (the router: linear, softmax, topk...)."""
+    found, stack = set(), list(ends)
+    while stack:
+        node = stack.pop()
+        if node in found or node is start:
+            continue
+        found.add(node)
+        stack.extend(node.all_input_nodes)
+    below, stack = set(), [start]
+    while stack:
+        for u in stack.pop().users:
+            if u not in below:
+                below.add(u)
+                stack.append(u)
+    return found & below
