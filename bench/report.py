@@ -87,15 +87,16 @@ def plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
 
 
 def summary(rows: list[dict], meta: dict | None = None) -> str:
-    """One line per (op, layer, T, graph): our best implementation vs the baseline and the floor."""
+    """One line per (op, layer, T, graph): our best implementation (and the Triton one) vs the
+    baseline (grouped_mm; the reference for route) and the floor; speedup = baseline / ours."""
     rows = with_ratios(rows)
     lines = []
     if meta:
         c = meta.get("ceilings", {})
         lines.append(f"{meta['device']} {meta['dtype']} commit {meta['commit']}  copy {c.get('copy_GBps', 0):.4g} GB/s"
                      f"  gemm {c.get('gemm_TFLOPs', 0):.4g} TFLOP/s  auto {meta.get('auto_backends')}")
-    lines.append(f"{'op':7} {'layer':8} {'T':>5} {'mode':5} {'ours':>10} {'impl':>10} {'baseline':>9} {'floor':>8}"
-                 f" {'speedup':>7} {'x floor':>7}")
+    lines.append(f"{'op':7} {'layer':8} {'T':>5} {'mode':5} {'ours':>10} {'impl':>10} {'triton':>9} {'baseline':>9}"
+                 f" {'floor':>8} {'speedup':>7} {'x floor':>7}")
     keys = sorted({(r["op"], r["layer"], r["T"], r["graph"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2], k[3]))
     for op, layer, T, graph in keys:
@@ -105,10 +106,11 @@ def summary(rows: list[dict], meta: dict | None = None) -> str:
         if not ours:
             continue
         best = min(ours, key=lambda r: r["median_ms"])
+        triton = next((r["median_ms"] for r in group if r["impl"] in ("triton", "foe-triton")), float("nan"))
         speed = f"{best['speedup']:.2f}x" if best["speedup"] else "-"
         lines.append(f"{op:7} {layer:8} {T:>5} {'graph' if graph else 'eager':5} {best['median_ms']:>10.4f}"
-                     f" {best['impl']:>10} {base['median_ms'] if base else float('nan'):>9.4f} {best['floor_ms']:>8.4f}"
-                     f" {speed:>7} {best['x_floor']:>7.2f}")
+                     f" {best['impl']:>10} {triton:>9.4f} {base['median_ms'] if base else float('nan'):>9.4f}"
+                     f" {best['floor_ms']:>8.4f} {speed:>7} {best['x_floor']:>7.2f}")
     return "\n".join(lines)
 
 
