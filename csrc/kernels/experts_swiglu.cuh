@@ -10,8 +10,8 @@
 
 #include "common.cuh"
 
-#define FOE_EXPERT_THREADS 256
-#define FOE_ROWS_PER_BLOCK (FOE_EXPERT_THREADS / 32)
+#define FOE_ROWS_PER_BLOCK 8  // one warp per output row
+#define FOE_EXPERT_THREADS (32 * FOE_ROWS_PER_BLOCK)
 
 template <typename scalar_t>
 __device__ void foe_experts_up(const scalar_t* x /*[T,d]*/, const scalar_t* gate_up /*[E,2I,d]*/,

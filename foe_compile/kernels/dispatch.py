@@ -29,23 +29,29 @@ _KERNELS: dict[tuple[str, str], Callable] = {
     ("sum_route_dispatch", "reference"): reference.sum_route_dispatch,
     ("experts_swiglu", "reference"): reference.experts_swiglu,
 }
+_DEVICE_TYPES: dict[tuple[str, str], tuple[str, ...]] = {}
 _selected = os.environ.get("FOE_KERNELS", "auto")
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator for kernel modules: `fn` implements `op` (same arguments as the schema)."""
+def register(op: str, backend: str, device_types: tuple[str, ...] = ("cpu", "cuda")) -> Callable[[Callable], Callable]:
+    """Decorator for kernel modules: `fn` implements `op` (same arguments as the schema) on tensors of
+    `device_types` (e.g. the native backend covers "cuda" only when the extension was built with CUDA)."""
     if op not in OPS or backend not in BACKENDS[1:]:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}; ops {OPS}, backends {BACKENDS[1:]}")
 
     def wrap(fn: Callable) -> Callable:
         _KERNELS[(op, backend)] = fn
+        _DEVICE_TYPES[(op, backend)] = device_types
         return fn
 
     return wrap
 
 
-def available(op: str, backend: str) -> bool:
-    return (op, backend) in _KERNELS
+def available(op: str, backend: str, device_type: str | None = None) -> bool:
+    """Whether `backend` implements `op` (on `device_type`, when given)."""
+    if (op, backend) not in _KERNELS:
+        return False
+    return device_type is None or backend == "reference" or device_type in _DEVICE_TYPES[(op, backend)]
 
 
 @contextlib.contextmanager
@@ -61,20 +67,26 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def choose(op: str, device: torch.device) -> str:
-    """The "auto" rule: CPU -> native C++ when built, else the reference. CUDA -> native CUDA,
-    then CuPy (same sources, compiled at run time), then Triton, then the reference; kernel
-    modules may refine this per shape by registering under a more specific backend."""
-    order = ("native",) if device.type == "cpu" else ("native", "cupy", "triton")
-    return next((b for b in order if available(op, b)), "reference")
+    """The "auto" rule. CPU -> native C++ when built, else the reference. CUDA, route/dispatch ->
+    native CUDA, then CuPy (same sources, compiled at run time), then Triton. CUDA, experts -> Triton
+    first (tuned grouped GEMM), then native CUDA / CuPy (correctness-first warp-per-row kernels, no
+    tensor cores), then the reference."""
+    if device.type == "cpu":
+        order: tuple[str, ...] = ("native",)
+    elif op == "experts_swiglu":
+        order = ("triton", "native", "cupy")
+    else:
+        order = ("native", "cupy", "triton")
+    return next((b for b in order if available(op, b, device.type)), "reference")
 
 
 def kernel(op: str, device: torch.device) -> Callable:
     backend = _selected if _selected != "auto" else choose(op, device)
     if backend not in BACKENDS:
         raise ValueError(f"FOE_KERNELS={backend!r} is not a kernel backend; choose one of {BACKENDS}")
-    if not available(op, backend):
+    if not available(op, backend, device.type):
         raise RuntimeError(
-            f"kernel backend {backend!r} has no implementation of foe::{op} here "
+            f"kernel backend {backend!r} has no implementation of foe::{op} on {device.type} here "
             f"(build the extension with `pip install -e .`, or use FOE_KERNELS=auto/reference)"
         )
     return _KERNELS[(op, backend)]

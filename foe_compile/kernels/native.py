@@ -45,6 +45,8 @@ def _fake_experts(*args):
 if _C is not None:
     torch.library.register_fake("foe::sum_route_dispatch_native")(_fake_route)
     torch.library.register_fake("foe::experts_swiglu_native")(_fake_experts)
-    dispatch.register("sum_route_dispatch", "native")(
+    _devices = ("cpu", "cuda") if has_cuda() else ("cpu",)
+    dispatch.register("sum_route_dispatch", "native", _devices)(
         lambda *args: torch.ops.foe.sum_route_dispatch_native(*args))
-    dispatch.register("experts_swiglu", "native")(lambda *args: torch.ops.foe.experts_swiglu_native(*args))
+    dispatch.register("experts_swiglu", "native", _devices)(
+        lambda *args: torch.ops.foe.experts_swiglu_native(*args))

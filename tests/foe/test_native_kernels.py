@@ -8,9 +8,11 @@ import torch
 
 from foe_compile.kernels import dispatch, native, reference
 
-from native_cases import ROUTINGS, check_experts, check_route, experts_inputs, route_inputs
+from native_cases import ROUTINGS, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
 
 pytestmark = pytest.mark.skipif(native.UNAVAILABLE_REASON is not None, reason=str(native.UNAVAILABLE_REASON))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not native.has_cuda(),
+                                reason="needs a CUDA device and foe_compile._C built with CUDA")
 route_native = torch.ops.foe.sum_route_dispatch_native if native.UNAVAILABLE_REASON is None else None
 experts_native = torch.ops.foe.experts_swiglu_native if native.UNAVAILABLE_REASON is None else None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -102,3 +104,31 @@ def test_bad_dtype_mix_says_what_to_do():
 def test_build_info():
     info = native.build_info()
     assert info["torch_version"] == torch.__version__ and isinstance(info["cuda"], bool)
+
+
+# ---- CUDA kernels of the same ops (lent GPU) --------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [0, 1, 7, 111, 4097])
+@pytest.mark.parametrize("E,top_k,H", ROUTINGS + [(128, 8, 4), (64, 8, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_cuda(T, E, top_k, H, dtype):
+    args = route_inputs(T, E, top_k, H, d=96, dtype=dtype, device="cuda", noncontiguous=T == 111,
+                        residual_groups=H if T % 2 else 1)
+    check_route(route_native(*args), args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [0, 1, 7, 111])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_cuda(T, dtype):
+    args = experts_inputs(T, 60, 4, 2, dtype=dtype, device="cuda")
+    check_experts(experts_native(*args), args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replay_equals_eager():
+    check_graph_replay(route_native, experts_native)

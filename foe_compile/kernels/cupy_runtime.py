@@ -1,0 +1,130 @@
+"""Backend "cupy": the CUDA kernels of csrc/kernels/*.cuh compiled at run time (NVRTC via CuPy).
+
+For GPU machines where foe_compile._C was built without CUDA (or not at all): the same kernel text that
+nvcc builds into the extension is compiled with `cupy.RawModule` on first use and launched on torch
+tensors (raw data pointers) on torch's current stream, so it composes with torch streams and CUDA-graph
+capture (compile before capturing: run once eagerly). The .cuh sources are read from the repository
+checkout (editable install). Needs: cupy, a CUDA device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import dispatch, ops
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "csrc" / "kernels"
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+if importlib.util.find_spec("cupy") is None:
+    UNAVAILABLE_REASON: str | None = "cupy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
+elif not (KERNEL_DIR / "route_dispatch.cuh").is_file():
+    UNAVAILABLE_REASON = f"kernel sources not found in {KERNEL_DIR}: use an editable install of the repository"
+else:
+    UNAVAILABLE_REASON = None
+
+
+@cache
+def _constants() -> dict[str, int]:
+    """Launch constants #defined in the .cuh files (one source of truth for both compilers)."""
+    text = "".join(p.read_text() for p in sorted(KERNEL_DIR.glob("*.cuh")))
+    return {m[1]: int(m[2]) for m in re.finditer(r"#define (FOE_\w+) (\d+)\b", text)}
+
+
+@cache
+def _module(device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code='#include "route_dispatch.cuh"\n#include "experts_swiglu.cuh"\n',
+                              options=("--std=c++17", f"--include-path={KERNEL_DIR}"))
+
+
+def _launch(name: str, device: torch.device, grid: tuple[int, ...], block: int, args: list, shared: int = 0) -> None:
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kernel = _module(index).get_function(name)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        kernel(grid, (block,), args, shared_mem=shared)
+
+
+def _ptr(t: Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def _check_dtype(*tensors: Tensor) -> str:
+    dtype = tensors[0].dtype
+    if dtype not in SUFFIX or any(t.dtype != dtype for t in tensors):
+        raise TypeError(f"cupy kernels need one dtype of {list(SUFFIX)} for {[t.dtype for t in tensors]}: cast first")
+    if not all(t.is_cuda for t in tensors):
+        raise ValueError("the cupy backend runs on CUDA tensors only; use FOE_KERNELS=auto on CPU")
+    return SUFFIX[dtype]
+
+
+def _group_by_expert(ids: Tensor, num_experts: int, pairs: Tensor, offsets: Tensor) -> None:
+    n, tile = ids.numel(), _constants()["FOE_TILE"]
+    tiles = (n + tile - 1) // tile
+    tile_counts = torch.empty(max(tiles, 1), num_experts, dtype=torch.int32, device=ids.device)  # [tiles, E]
+    shared, E = 4 * num_experts, np.int32(num_experts)
+    if tiles:
+        _launch("foe_count_tiles", ids.device, (tiles,), tile, [_ptr(ids), np.int32(n), E, _ptr(tile_counts)], shared)
+    _launch("foe_scan_tiles", ids.device, (1,), 1024, [_ptr(tile_counts), np.int32(tiles), E, _ptr(offsets)], shared)
+    if tiles:
+        _launch("foe_place_tiles", ids.device, (tiles,), tile, [_ptr(ids), np.int32(n), E, _ptr(tile_counts), _ptr(pairs)])
+
+
+def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
+                       num_groups: int, top_k: int, renormalize: bool):
+    ops.check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
+    suffix = _check_dtype(partials, residual, norm_weight, router_weight)
+    res, par, nw, rw = (t.contiguous() for t in (residual, partials, norm_weight, router_weight))
+    H, T, d = par.shape
+    E = rw.shape[0]
+    if T * top_k >= 2**31 or (E + top_k) * 4 > 48 * 1024:
+        raise ValueError("the CUDA route kernels support T*k < 2^31 and E <= 12000: split the batch")
+    r, xn = torch.empty(T, d, dtype=par.dtype, device=par.device), torch.empty(T, d, dtype=par.dtype, device=par.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=par.device)
+    weights = torch.empty(T, top_k, dtype=par.dtype, device=par.device)
+    pairs = torch.empty(T * top_k, dtype=torch.int64, device=par.device)
+    offsets = torch.empty(E + 1, dtype=torch.int64, device=par.device)
+    if T:
+        args = [_ptr(res), np.int64(0 if res.shape[0] == 1 else T * d), _ptr(par), _ptr(nw), _ptr(rw), np.float32(eps),
+                np.int32(H), np.int64(T), np.int64(d), np.int32(E), np.int32(top_k), np.int32(bool(renormalize)),
+                _ptr(r), _ptr(xn), _ptr(ids), _ptr(weights)]
+        _launch(f"foe_route_tokens_{suffix}", par.device, (T,), _constants()["FOE_ROUTE_THREADS"], args,
+                4 * (E + top_k))
+    _group_by_expert(ids, E, pairs, offsets)
+    return r, xn, ids, weights, pairs, offsets
+
+
+def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                   sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int) -> Tensor:
+    ops.check_experts_args(x, gate_up, down, topk_ids, sorted_pairs, expert_offsets, num_groups)
+    suffix = _check_dtype(x, gate_up, down, topk_weights)
+    xs, gu, dn, ids, weights, pairs = (t.contiguous() for t in (x, gate_up, down, topk_ids, topk_weights, sorted_pairs))
+    T, d = xs.shape
+    k, E, inter = ids.shape[1], gu.shape[0], gu.shape[1] // 2
+    rows = _constants()["FOE_ROWS_PER_BLOCK"]
+    threads = 32 * rows  # FOE_EXPERT_THREADS: one warp per row
+    out = torch.empty(num_groups, T, d, dtype=xs.dtype, device=xs.device)      # [G, T, d], fully written
+    hidden = torch.empty(T * k, inter, dtype=torch.float32, device=xs.device)  # [T*k, I] by pair id
+    if T * k == 0:
+        return out
+    _launch(f"foe_experts_up_{suffix}", xs.device, (T * k, -(-inter // rows)), threads,
+            [_ptr(xs), _ptr(gu), _ptr(ids), _ptr(pairs), np.int64(d), np.int64(inter), np.int32(k), _ptr(hidden)])
+    _launch(f"foe_experts_down_{suffix}", xs.device, (T * num_groups, -(-d // rows)), threads,
+            [_ptr(dn), _ptr(ids), _ptr(weights), _ptr(hidden), np.int64(d), np.int64(inter), np.int32(k),
+             np.int32(E // num_groups), np.int32(num_groups), np.int64(T), _ptr(out)])
+    return out
+
+
+if UNAVAILABLE_REASON is None:
+    dispatch.register("sum_route_dispatch", "cupy", ("cuda",))(sum_route_dispatch)
+    dispatch.register("experts_swiglu", "cupy", ("cuda",))(experts_swiglu)

@@ -1,0 +1,44 @@
+"""The CuPy backend: csrc/kernels/*.cuh compiled with NVRTC at run time, against the reference (GPU only)."""
+import pytest
+import torch
+
+from foe_compile.kernels import cupy_runtime
+
+from native_cases import ROUTINGS, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(cupy_runtime.UNAVAILABLE_REASON is not None, reason=str(cupy_runtime.UNAVAILABLE_REASON)),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 111, 4097])
+@pytest.mark.parametrize("E,top_k,H", ROUTINGS + [(128, 8, 4), (64, 8, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route(T, E, top_k, H, dtype):
+    args = route_inputs(T, E, top_k, H, d=96, dtype=dtype, device="cuda", noncontiguous=T == 111,
+                        residual_groups=H if T % 2 else 1)
+    check_route(cupy_runtime.sum_route_dispatch(*args), args)
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 111])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts(T, dtype):
+    args = experts_inputs(T, 60, 4, 2, dtype=dtype, device="cuda")
+    check_experts(cupy_runtime.experts_swiglu(*args), args)
+
+
+def test_cuda_graph_replay_equals_eager():
+    check_graph_replay(cupy_runtime.sum_route_dispatch, cupy_runtime.experts_swiglu)
+
+
+def test_runs_on_a_side_stream():
+    args = route_inputs(111, 60, 8, 4, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = cupy_runtime.sum_route_dispatch(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    check_route(got, args)
