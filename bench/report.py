@@ -68,10 +68,13 @@ def plot(rows: list[dict], meta: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    panels = sorted({(r["op"], r["layer"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (op, layer) in zip(axes[0], panels):
+    ops, layers = sorted({r["op"] for r in rows}), sorted({r["layer"] for r in rows})
+    fig, axes = plt.subplots(len(ops), len(layers), figsize=(4.2 * len(layers), 3.4 * len(ops)), squeeze=False)
+    for ax, (op, layer) in zip(axes.flat, [(o, lay) for o in ops for lay in layers]):
         mine = [r for r in rows if r["op"] == op and r["layer"] == layer]
+        if not mine:
+            ax.axis("off")
+            continue
         for impl, graph in sorted({(r["impl"], r["graph"]) for r in mine}):
             pts = sorted((r["T"], r["median_ms"]) for r in mine if r["impl"] == impl and r["graph"] == graph)
             ax.plot(*zip(*pts), marker="o", ls="--" if graph else "-", label=impl + (" (graph)" if graph else ""))
