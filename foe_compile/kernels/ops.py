@@ -94,7 +94,11 @@ def _recompute_grads(fn, inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...]) 
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in inputs]
         outputs = fn(*leaves)
-        result = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # Empty inputs (T = 0) give outputs that never touched the leaves: zero gradients.
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        result = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                     allow_unused=True) if pairs else (None,) * len(leaves)
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, result))
 
 

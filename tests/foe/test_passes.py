@@ -1,0 +1,175 @@
+"""Each pass alone on a tiny captured graph: what it finds or rewrites, numerics before == after,
+and a case where it must not fire."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from user_models import DenseLoopMoE, IndexAddLoopMoE, SwiGLU, UserBlock
+
+from foe_compile import builtin_model
+from foe_compile.passes.find_gqa_attention import find_gqa_attention
+from foe_compile.passes.find_moe_blocks import UnrecognisedMoE, find_moe_blocks
+from foe_compile.passes.fuse_sum_route_dispatch import fuse_sum_route_dispatch
+from foe_compile.passes.infra import cleanup
+from foe_compile.passes.lower_experts import lower_experts
+from foe_compile.passes.matches import MOE_KEY
+from foe_compile.passes.partition_groups import partition_groups
+
+torch.manual_seed(0)
+
+
+def capture(module: nn.Module, *args):
+    return torch.export.export(module, args, strict=False).module()
+
+
+def targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def count(gm, name: str) -> int:
+    return sum(name in t for t in targets(gm))
+
+
+X = torch.randn(2, 5, 32)
+
+
+class GeluExperts(nn.Module):
+    """A router and top-k followed by non-gated GELU experts: not a supported pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(32, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        w, ids = self.router(x).softmax(-1).topk(2, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (w * (ids == e)).sum(-1, keepdim=True) * torch.nn.functional.gelu(expert(x))
+        return out
+
+
+@pytest.mark.parametrize("module, kind, renormalize", [
+    (DenseLoopMoE(32, 16, 6, 2), "dense_loop", True),
+    (IndexAddLoopMoE(32, 16, 6, 2), "index_add_loop", False),
+])
+def test_find_moe_blocks_user_patterns(module, kind, renormalize):
+    gm = capture(module, X)
+    result = find_moe_blocks(gm)
+    (match,) = gm.meta[MOE_KEY]
+    assert result.rewrites == 1 and not any("foe" in t for t in targets(gm))
+    assert (match.kind, match.top_k, match.num_experts, match.renormalize) == (kind, 2, 6, renormalize)
+    assert len(match.per_expert) == 6
+
+
+def test_find_moe_blocks_transformers_v5_grouped_mm():
+    block = builtin_model("qwen3-moe-tiny").model.layers[0].mlp
+    gm = capture(block, X.new_zeros(2, 5, 64).normal_())
+    (match,) = gm.meta[MOE_KEY] if find_moe_blocks(gm).rewrites else [None]
+    assert match.kind == "grouped_mm" and (match.top_k, match.num_experts, match.renormalize) == (4, 8, True)
+    assert tuple(match.gate_up.meta["val"].shape) == (8, 64, 64)
+
+
+def test_find_moe_blocks_must_not_fire_on_dense_mlp():
+    gm = capture(SwiGLU(32, 16), X)
+    assert find_moe_blocks(gm).rewrites == 0
+
+
+def test_unrecognised_experts_name_the_nodes():
+    gm = capture(GeluExperts(), X)
+    with pytest.raises(UnrecognisedMoE, match=r"found a router \(linear: linear -> softmax -> topk: topk\)"):
+        find_moe_blocks(gm)
+
+
+def test_find_gqa_attention():
+    gm = capture(UserBlock(32, 4, 2, DenseLoopMoE(32, 16, 6, 2)), X)
+    assert find_gqa_attention(gm).rewrites == 1
+    (attn,) = gm.meta["foe_attention"]
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (4, 2, 8)
+
+
+def test_find_gqa_attention_must_not_fire_without_projections():
+    class RawAttention(nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, 2, 5, 8)
+    assert find_gqa_attention(capture(RawAttention(), q, q, q)).rewrites == 0
+
+
+def _run(gm, *passes):
+    for p in passes:
+        result = p(gm)
+        if result.modified and not result.name.startswith("find_"):
+            cleanup(gm)
+    return result
+
+
+def test_partition_groups_splits_o_proj_exactly():
+    block = UserBlock(32, 4, 2, DenseLoopMoE(32, 16, 6, 2))
+    gm = capture(block, X)
+    before = gm(X)
+    linears = count(gm, "aten.linear")
+    result = _run(gm, find_moe_blocks, find_gqa_attention, partition_groups)
+    assert result.rewrites == 1 and gm.meta["foe_num_groups"] == 2
+    assert count(gm, "aten.linear") == linears + 1 and count(gm, "aten.stack") == 1
+    torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
+
+
+def test_partition_groups_must_not_fire_without_moe():
+    gm = capture(UserBlock(32, 4, 2, SwiGLU(32, 16)), X)
+    assert _run(gm, find_moe_blocks, find_gqa_attention, partition_groups).rewrites == 0
+
+
+def test_partition_rejects_invalid_group_count():
+    gm = capture(UserBlock(32, 4, 2, DenseLoopMoE(32, 16, 6, 2)), X)
+    _run(gm, find_moe_blocks, find_gqa_attention)
+    with pytest.raises(ValueError, match=r"num_groups=4 does not divide.*valid: \[1, 2\]"):
+        partition_groups(gm, 4)
+
+
+def test_fuse_sum_route_dispatch():
+    block = UserBlock(32, 4, 2, DenseLoopMoE(32, 16, 6, 2))
+    gm = capture(block, X)
+    before = gm(X)
+    result = _run(gm, find_moe_blocks, find_gqa_attention, partition_groups, fuse_sum_route_dispatch)
+    assert result.rewrites == 1
+    assert count(gm, "foe.sum_route_dispatch") == 1
+    assert count(gm, "aten.topk") == 0 and count(gm, "aten.softmax") == 0
+    assert count(gm, "aten.rms_norm") == 1  # norm1 stays; norm2 is fused
+    torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_must_not_fire_without_norm():
+    gm = capture(DenseLoopMoE(32, 16, 6, 2), X)  # the router reads the raw input
+    assert _run(gm, find_moe_blocks, fuse_sum_route_dispatch).rewrites == 0
+    assert count(gm, "aten.topk") == 1
+
+
+@pytest.mark.parametrize("module", [DenseLoopMoE(32, 16, 6, 2), IndexAddLoopMoE(32, 16, 6, 3)])
+def test_lower_experts(module):
+    gm = capture(module, X)
+    before = gm(X)
+    result = _run(gm, find_moe_blocks, lower_experts)
+    assert result.rewrites == 1 and count(gm, "foe.experts_swiglu") == 1
+    assert count(gm, "aten.silu") == 0 and count(gm, "index_add") == 0
+    torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
+
+
+def test_lower_experts_with_groups_sums_group_partials():
+    gm = capture(DenseLoopMoE(32, 16, 6, 2), X)
+    before = gm(X)
+    find_moe_blocks(gm)
+    lower_experts(gm, num_groups=3)
+    cleanup(gm)
+    (node,) = [n for n in gm.graph.nodes if "experts_swiglu" in str(n.target)]
+    assert node.args[-1] == 3
+    torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
+
+
+def test_lower_experts_must_not_fire_without_matches():
+    gm = capture(SwiGLU(32, 16), X)
+    code = copy.deepcopy(gm.code)
+    find_moe_blocks(gm)
+    assert lower_experts(gm).rewrites == 0 and gm.code == code
