@@ -115,7 +115,7 @@ def experts_impls(layer: Layer, T: int) -> dict[str, object]:
     a = inputs(layer, T)
     args = (a["x"], gate_up, down, a["ids"], a["weights"], a["pairs"], a["offsets"], layer.H)
     impls = {b: functools.partial(dispatch._KERNELS[("experts_swiglu", b)], *args)
-             for b in ("triton", "native", "cupy") if dispatch.available("experts_swiglu", b)}
+             for b in ("triton", "native", "cupy") if dispatch.available("experts_swiglu", b, layer.device)}
     if layer.device == "cpu":
         impls["reference"] = functools.partial(reference.experts_swiglu, *args)
     if layer.H == 1:
@@ -130,7 +130,8 @@ def route_impls(layer: Layer, T: int) -> dict[str, object]:
     a = inputs(layer, T)
     args = (a["residual"], a["partials"], norm, EPS, router, layer.H, layer.k, True)
     return {b: functools.partial(dispatch._KERNELS[("sum_route_dispatch", b)], *args)
-            for b in ("reference", "native", "cupy", "triton") if dispatch.available("sum_route_dispatch", b)}
+            for b in ("reference", "native", "cupy", "triton")
+            if dispatch.available("sum_route_dispatch", b, layer.device)}
 
 
 def layer_impls(layer: Layer, T: int) -> dict[str, object]:
@@ -147,7 +148,7 @@ def layer_impls(layer: Layer, T: int) -> dict[str, object]:
         return dispatch._KERNELS[("experts_swiglu", backend)](xn, gate_up, down, ids, w, pairs, offsets, layer.H)
 
     impls = {"foe": functools.partial(foe, None)}
-    if dispatch.available("experts_swiglu", "triton"):
+    if dispatch.available("experts_swiglu", "triton", layer.device):
         impls["foe-triton"] = functools.partial(foe, "triton")
     if layer.H == 1:
         from transformers.integrations.moe import grouped_mm_experts_forward

@@ -251,4 +251,5 @@ def usable() -> bool:
 
 
 if usable():
-    dispatch.register("experts_swiglu", "triton")(experts_swiglu)
+    dispatch.register("experts_swiglu", "triton",
+                      device_types=("cuda", "cpu") if INTERPRETED else ("cuda",))(experts_swiglu)

@@ -124,7 +124,7 @@ def test_int64_row_addressing():
 
 
 def test_dispatch_registration():
-    assert dispatch.available("experts_swiglu", "triton")
+    assert dispatch.available("experts_swiglu", "triton", DEVICE)
     case = make_case(7, 40, 24, 5, 2, 1)
     with dispatch.use_backend("triton"):
         out = torch.ops.foe.experts_swiglu(*case)
