@@ -43,5 +43,5 @@ def test_ibm01_macro_only_legality_after_legalizer():
     print(f"ibm01 macro-only legality after the legalizer: {result.legality} "
           f"({result.legalizer_steps} legalizer steps, {result.seconds})")
     assert max(result.legality) >= 0.99
-    assert result.legality[result.best] == max(result.legality)
+    assert result.legality[result.best] >= max(result.legality) - 1e-9
     torch.testing.assert_close(result.positions[graph.is_port], graph.positions[graph.is_port], rtol=0, atol=0)
