@@ -69,7 +69,9 @@ if triton is not None:
         start = tl.sum(tl.where(mine, lo, 0), axis=0) + (pid_m - first_block) * BLOCK_M
         return tl.sum(blocks, axis=0), expert, start, tl.sum(tl.where(mine, hi, 0), axis=0)
 
-    @triton.jit
+    # NOTE: num_pid_m and T change with the token count; not specialising on them (divisibility by
+    # 16) keeps one compiled variant per launch configuration.
+    @triton.jit(do_not_specialize=["num_pid_m"])
     def _gate_up_swiglu_kernel(
         x_ptr,        # [T, d] activations, any strides; row t read for pair p = t*k + j
         w_ptr,        # [E, 2I, d] gate_up: gate rows [0, I), up rows [I, 2I)
@@ -118,7 +120,7 @@ if triton is not None:
         h_ptrs = h_ptr + pos[:, None] * I + n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pid_m"])
     def _down_weighted_kernel(
         h_ptr,        # [T*k, I] contiguous SwiGLU activations at sorted positions
         w_ptr,        # [E, d, I] down projection, any strides
@@ -163,7 +165,7 @@ if triton is not None:
         y_ptrs = y_ptr + pair[:, None] * d + n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _combine_kernel(
         y_ptr,        # [T*k, d] contiguous weighted expert outputs by pair id
         ids_ptr,      # [T, k] int64 contiguous expert ids
