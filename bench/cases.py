@@ -162,6 +162,17 @@ def layer_impls(layer: Layer, T: int) -> dict[str, object]:
     return impls
 
 
+def config_sources(layers: list[Layer]) -> dict[str, str]:
+    """Which launch-config file the Triton experts use for each layer, or the fallback rule."""
+    from foe_compile.kernels import launch_configs as lc
+    out = {}
+    for layer in layers:
+        name = lc.config_filename(layer.E, layer.I, layer.d, layer.dtype, lc.device_name(torch.device(layer.device)))
+        found = [str(folder / name) for folder in lc._search_dirs() if (folder / name).is_file()]
+        out[layer.name] = found[0] if found else f"fallback rule (no {name})"
+    return out
+
+
 def backend_names() -> dict[str, str]:
     """Which backend "auto" picks for each op on this run's device (recorded with the rows)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -180,7 +180,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _rows:
         return
     meta = dict(report.machine_meta(DEVICE, DTYPE), auto_backends=cases.backend_names(), ceilings=_ceilings,
-                groups=GROUPS, mode="cpu" if CPU_MODE else "gpu")
+                groups=GROUPS, mode="cpu" if CPU_MODE else "gpu", launch_configs=cases.config_sources(layers()))
     paths = report.write(_rows, meta, config.getoption("--bench-out"), meta["mode"])
     for line in report.summary(_rows, meta).splitlines():
         terminalreporter.write_line(line)

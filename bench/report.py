@@ -98,6 +98,7 @@ def summary(rows: list[dict], meta: dict | None = None) -> str:
         c = meta.get("ceilings", {})
         lines.append(f"{meta['device']} {meta['dtype']} commit {meta['commit']}  copy {c.get('copy_GBps', 0):.4g} GB/s"
                      f"  gemm {c.get('gemm_TFLOPs', 0):.4g} TFLOP/s  auto {meta.get('auto_backends')}")
+        lines += [f"launch configs {layer}: {src}" for layer, src in meta.get("launch_configs", {}).items()]
     lines.append(f"{'op':7} {'layer':8} {'T':>5} {'mode':5} {'ours':>10} {'impl':>10} {'triton':>9} {'baseline':>9}"
                  f" {'floor':>8} {'speedup':>7} {'x floor':>7}")
     keys = sorted({(r["op"], r["layer"], r["T"], r["graph"]) for r in rows},
