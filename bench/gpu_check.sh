@@ -10,7 +10,9 @@
 # The whole run stays under BUDGET_S (default 500 s): a step's timeout is cut to what is left.
 # Optional: FOE_COMMIT=<hash> labels the rows when .git is not copied; TUNE_S=0 skips tuning;
 # SKIP_BUILD=1 / SKIP_TESTS=1 for a second, benchmark-only call on a warm machine;
-# build/gpu_wheels/ (carried) holds pytest/pytest-benchmark wheels for an offline box without them.
+# build/gpu_wheels/ (carried) holds pytest/pytest-benchmark wheels for an offline box without them:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d build/gpu_wheels \
+#       pytest pluggy iniconfig packaging pygments pytest-benchmark py-cpuinfo
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
