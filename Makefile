@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench cpp-test clean
 
-$(STAMP): pyproject.toml setup.py
+NATIVE_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/kernels/*.cuh)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel first: nothing later may pull a CUDA build of torch.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q transformers==5.17.0 -e '.[test]'
+	# setup.py compiles foe_compile._C against the installed torch, so no build isolation.
+	$(BIN)/pip install -q setuptools wheel ninja
+	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation transformers==5.17.0 -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,6 +31,12 @@ test: $(STAMP)
 # CPU mode; rows, plot and summary land in bench/results/.
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench -p no:cacheprovider
+
+# C++ kernels standalone against the venv's libtorch (CTest) + compile check of the .cu files (nvcc).
+cpp-test: $(STAMP)
+	cmake -S . -B build/cmake -DFOE_PYTHON=$(abspath $(BIN))/python
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
 
 clean:
 	rm -rf $(VENV) build out *.egg-info

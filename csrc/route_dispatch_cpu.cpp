@@ -8,6 +8,10 @@
 // The router product is a GEMM rather than a fused per-token GEMV: the portable build has no -march
 // flags, so BLAS is the fast path for [T,d] x [d,E], and the same call on the same xn reproduces the
 // reference's logits bit for bit (routing decisions then agree even on near-ties).
+// NOTE: measured on the shared 2-core AVX-512 Xeon, fp32, 1 thread, Qwen3 shape (d=2048, E=128, H=4),
+// T=512: pass 1 ~1.9 ms (28 MB compulsory traffic, ~15 GB/s; torch.sum over the 16 MB of partials
+// alone takes 0.93 ms), router GEMM 1.6 ms, routing + placement ~0.4 ms: 3.9 ms vs the reference's
+// 7.1 ms. The GEMM plus the compulsory bytes bound any fp32 implementation near 2.9 ms here.
 #include "foe_ops.h"
 #include "dispatch_types.h"
 
@@ -41,15 +45,15 @@ void sum_and_norm(const scalar_t* residual /*[Hr,T,d]*/, int64_t residual_group_
         for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<float>(static_cast<scalar_t>(float(res[i]) + float(par[i])));
       }
       // mean = sum rounded to the dtype, then divided (ATen's mean is sum(...).div_(H)).
-      float sumsq = 0.f;
       scalar_t* r_row = r + t * d;
-#pragma omp simd reduction(+ : sumsq)
+#pragma omp simd
       for (int64_t i = 0; i < d; ++i) {
-        const scalar_t ri = static_cast<scalar_t>(float(static_cast<scalar_t>(acc[i])) / float(H));
-        r_row[i] = ri;
-        acc[i] = float(ri);
-        sumsq += acc[i] * acc[i];
+        r_row[i] = static_cast<scalar_t>(float(static_cast<scalar_t>(acc[i])) / float(H));
+        acc[i] = float(r_row[i]);
       }
+      float sumsq = 0.f;  // separate loop: a lone reduction vectorises
+#pragma omp simd reduction(+ : sumsq)
+      for (int64_t i = 0; i < d; ++i) sumsq += acc[i] * acc[i];
       const float rstd = 1.f / std::sqrt(sumsq / float(d) + eps);
       scalar_t* xn_row = xn + t * d;
 #pragma omp simd
