@@ -37,16 +37,17 @@ __device__ void foe_experts_down(const scalar_t* down /*[E,d,I]*/, const long lo
   const long long row = (long long)blockIdx.y * FOE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
   if (row >= d) return;
   float acc = 0.f;
-  long long previous = -1;
-  for (int step = 0; step < k; ++step) {  // this token's picks in ascending expert order (index_add order)
+  long long previous_expert = -1;
+  int previous_slot = -1;
+  for (int step = 0; step < k; ++step) {  // picks in ascending (expert, slot) order: index_add's order
     int slot = -1;
     for (int j = 0; j < k; ++j) {
       const long long e = ids[token * k + j];
-      if (e > previous && (slot < 0 || e < ids[token * k + slot])) slot = j;
+      const bool after = e > previous_expert || (e == previous_expert && j > previous_slot);
+      if (after && (slot < 0 || e < ids[token * k + slot])) slot = j;
     }
-    if (slot < 0) break;
     const long long expert = ids[token * k + slot];
-    previous = expert;
+    previous_expert = expert, previous_slot = slot;
     if (expert / experts_per_group != group) continue;
     float y = 0.f;
     const float* h = hidden + (token * k + slot) * inter;

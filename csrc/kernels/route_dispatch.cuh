@@ -31,7 +31,7 @@ __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long lon
     float acc = 0.f;
     for (int h = 0; h < H; ++h) {
       acc += foe_round<scalar_t>(foe_to_float(residual[h * residual_group_stride + t * d + i]) +
-                          foe_to_float(partials[(h * T + t) * d + i]));
+                                 foe_to_float(partials[(h * T + t) * d + i]));
     }
     const scalar_t ri = foe_from_float<scalar_t>(foe_round<scalar_t>(acc) / (float)H);  // ATen mean: sum, then divide
     r[t * d + i] = ri;
@@ -39,7 +39,8 @@ __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long lon
   }
   const float rstd = rsqrtf(foe_block_reduce(sumsq, false, scratch) / (float)d + eps);
   for (long long i = threadIdx.x; i < d; i += blockDim.x) {
-    xn[t * d + i] = foe_from_float<scalar_t>(foe_to_float(norm_weight[i]) * foe_round<scalar_t>(foe_to_float(r[t * d + i]) * rstd));
+    const float normed = foe_round<scalar_t>(foe_to_float(r[t * d + i]) * rstd);
+    xn[t * d + i] = foe_from_float<scalar_t>(foe_to_float(norm_weight[i]) * normed);
   }
   __syncthreads();  // xn row visible to the whole block
 
