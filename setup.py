@@ -8,7 +8,9 @@ time, so install with `pip install -e . --no-build-isolation` (the Makefile does
     MAX_JOBS                parallel compile jobs (ninja)
 """
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -27,13 +29,32 @@ def _git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _nvcc_major(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    found = re.search(r"release (\d+)\.", out.stdout)
+    return found[1] if found else None
+
+
 def _extensions():
     if os.environ.get("FOE_BUILD_EXTENSION", "1") == "0":
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("setup.py: torch is not importable at build time, so foe_compile._C is not built; "
+              "install with `pip install -e . --no-build-isolation` to build it", file=sys.stderr)
+        return [], {}
 
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    if with_cuda and _nvcc_major(cpp_extension.CUDA_HOME) != torch.version.cuda.split(".")[0]:
+        # cpp_extension refuses a CUDA major-version mismatch; the CuPy backend still gives the CUDA kernels.
+        print(f"setup.py: nvcc in {cpp_extension.CUDA_HOME} is not CUDA {torch.version.cuda}'s major version: "
+              "building the CPU kernels only", file=sys.stderr)
+        with_cuda = False
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     defines = [f'-DFOE_TORCH_VERSION="{torch.__version__}"', f'-DFOE_GIT_COMMIT="{_git_commit()}"']
     cxx = ["-O3", "-fopenmp-simd", *defines]  # the C++ standard comes from cpp_extension (torch-specific)
