@@ -49,7 +49,17 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_rows(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "placement_eager.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "placement_eager.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    """One row per B, written to args.out as soon as it is measured."""
     device = torch.device(args.device)
     circuit = read_bookshelf(iccad04_aux(args.circuit))
     view = macro_view(circuit)
@@ -76,6 +86,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "macro_legality": round(circuit_macro_legality(circuit, lower_left), 6),
         })
         print(json.dumps(rows[-1]), flush=True)
+        write_rows(rows, Path(args.out))
     return rows
 
 
@@ -97,15 +108,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.legalizer_steps = 20, 2000
     torch.set_num_threads(args.threads)
-    rows = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "placement_eager.json").write_text(json.dumps(rows, indent=1))
-    with open(out / "placement_eager.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out / 'placement_eager.csv'} and .json")
+    run(args)
+    print(f"wrote {Path(args.out) / 'placement_eager.csv'} and .json")
 
 
 if __name__ == "__main__":
