@@ -37,9 +37,9 @@ def _attention_state(attn: nn.Module) -> dict[str, Tensor]:
     state["o_proj.weight"] = torch.cat([x.o_proj.weight for x in g], dim=1)
     if g[0].o_proj.bias is not None:
         state["o_proj.bias"] = g[0].o_proj.bias
-    if attn.qk_norm == "per_head":
+    if attn.spec.qk_norm == "per_head":
         state["q_norm.weight"], state["k_norm.weight"] = g[0].q_norm.weight, g[0].k_norm.weight
-    elif attn.qk_norm == "full_width":
+    elif attn.spec.qk_norm == "full_width":
         state["q_norm.weight"] = torch.cat([x.q_norm_weight for x in g])
         state["k_norm.weight"] = torch.cat([x.k_norm_weight for x in g])
     return state

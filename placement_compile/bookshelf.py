@@ -83,9 +83,14 @@ class Circuit:
 
 
 def default_data_dir() -> Path:
-    """$FOE_DATA_DIR, else `<repo>/../shared/data`."""
+    """$FOE_DATA_DIR, else the nearest `shared/data` beside the repository or one of its parents
+    (the checkout's `../shared/data`, also for clones made deeper in the workspace)."""
     env = os.environ.get("FOE_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [parent / "shared" / "data" for parent in repo.parents]
+    return next((c for c in candidates if (c / "iccad04").is_dir()), candidates[0])
 
 
 def iccad04_aux(circuit: str) -> Path:

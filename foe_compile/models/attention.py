@@ -8,6 +8,9 @@ utilities keep working; a distributed rank keeps only its slice.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -49,6 +52,63 @@ class GroupAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What every group of one layer shares: head size, q/k norm kind, clipping, the source's
+    rotary and eager-attention functions (reused for exactness)."""
+
+    head_dim: int
+    qk_norm: str
+    clip_qkv: float | None
+    full_widths: tuple[int, int] | None  # (q, k) widths of a full-width q/k RMSNorm
+    norm_eps: float | None
+    rotary: Callable
+    eager: Callable
+
+
+SumReduce = Callable[[Tensor], Tensor]  # [B, T, 2] partial sums of squares -> totals over all groups
+
+
+def project(spec: AttentionSpec, groups, x: Tensor, sum_reduce: SumReduce | None = None):
+    """x [n, B, T, d] (group i's normed input) -> q, k, v lists of [B, heads_i, T, hd], q/k normed
+    and clipped as the source does (no rotary yet). With a full-width q/k norm the sums of squares
+    of all groups are needed: `sum_reduce` adds the other ranks' (distributed runs)."""
+    B, T = x.shape[1], x.shape[2]
+    heads = lambda t: t.view(B, T, -1, spec.head_dim)  # noqa: E731  [B, T, n, hd]
+    q, k, v = map(list, zip(*(g.project(x[i]) for i, g in enumerate(groups))))
+    if spec.qk_norm == "full_width":
+        q, k = _full_width_rms_norm(spec, groups, q, k, sum_reduce)
+    elif spec.qk_norm == "per_head":
+        q = [g.q_norm(heads(t)).flatten(2) for g, t in zip(groups, q)]
+        k = [g.k_norm(heads(t)).flatten(2) for g, t in zip(groups, k)]
+    if spec.clip_qkv is not None:
+        c = spec.clip_qkv
+        q, k, v = ([t.clamp(-c, c) for t in ts] for ts in (q, k, v))
+    return tuple([heads(t).transpose(1, 2) for t in ts] for ts in (q, k, v))
+
+
+def attend(spec: AttentionSpec, group: GroupAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+           scale: float, **kwargs) -> Tensor:
+    """One group's attention and its W_O columns: [B, heads, T, hd] -> [B, T, d], times `scale`."""
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(group.config._attn_implementation, spec.eager)
+    o, _ = fn(group, q, k, v, mask, dropout=0.0, scaling=group.scaling, sliding_window=group.sliding_window, **kwargs)
+    return group.o_proj(o.reshape(q.shape[0], q.shape[2], -1)) * scale
+
+
+def _full_width_rms_norm(spec: AttentionSpec, groups, q: list[Tensor], k: list[Tensor],
+                         sum_reduce: SumReduce | None) -> tuple[list[Tensor], list[Tensor]]:
+    """RMSNorm over all heads when each group holds a slice: the sums of squares [B, T, 2] of q
+    and k are added across groups (and, distributed, across ranks: one small all-reduce)."""
+    dtype = q[0].dtype
+    q32, k32 = [t.float() for t in q], [t.float() for t in k]
+    sums = torch.cat([sum(t.pow(2).sum(-1, keepdim=True) for t in ts) for ts in (q32, k32)], -1)
+    if sum_reduce is not None:
+        sums = sum_reduce(sums)
+    inv_q, inv_k = (torch.rsqrt(sums[..., i:i + 1] / w + spec.norm_eps) for i, w in enumerate(spec.full_widths))
+    return ([g.q_norm_weight * (t * inv_q).to(dtype) for g, t in zip(groups, q32)],
+            [g.k_norm_weight * (t * inv_k).to(dtype) for g, t in zip(groups, k32)])
+
+
 class FoEAttention(nn.Module):
     """All H groups' attention of one layer (single-process reference).
 
@@ -59,15 +119,14 @@ class FoEAttention(nn.Module):
         super().__init__()
         self.groups = nn.ModuleList(GroupAttention(source, h, num_groups, family) for h in range(num_groups))
         self.layer_idx = source.layer_idx
-        self.head_dim = source.head_dim
-        self.qk_norm = family.qk_norm
-        self.clip_qkv = getattr(source.config, "clip_qkv", None)
-        if family.qk_norm == "full_width":
-            self.q_full_width = source.q_proj.weight.shape[0]
-            self.k_full_width = source.k_proj.weight.shape[0]
-            self.norm_eps = source.q_norm.variance_epsilon
-        self._rotary = source_function(source, "apply_rotary_pos_emb")
-        self._eager = source_function(source, "eager_attention_forward")
+        full_width = family.qk_norm == "full_width"
+        self.spec = AttentionSpec(
+            head_dim=source.head_dim, qk_norm=family.qk_norm, clip_qkv=getattr(source.config, "clip_qkv", None),
+            full_widths=(source.q_proj.weight.shape[0], source.k_proj.weight.shape[0]) if full_width else None,
+            norm_eps=source.q_norm.variance_epsilon if full_width else None,
+            rotary=source_function(source, "apply_rotary_pos_emb"),
+            eager=source_function(source, "eager_attention_forward"),
+        )
 
     def forward(
         self,
@@ -77,44 +136,13 @@ class FoEAttention(nn.Module):
         past_key_values=None,
         **kwargs,
     ) -> Tensor:
-        H = len(self.groups)
-        B, T = x.shape[1], x.shape[2]
-        heads = lambda t: t.view(B, T, -1, self.head_dim)  # noqa: E731  [B, T, n, hd]
-        q, k, v = zip(*(g.project(x[h]) for h, g in enumerate(self.groups)))
-        q, k, v = list(q), list(k), list(v)
-        if self.qk_norm == "full_width":
-            q = self._full_width_rms_norm(q, [g.q_norm_weight for g in self.groups], self.q_full_width)
-            k = self._full_width_rms_norm(k, [g.k_norm_weight for g in self.groups], self.k_full_width)
-        elif self.qk_norm == "per_head":
-            q = [g.q_norm(heads(t)).flatten(2) for g, t in zip(self.groups, q)]
-            k = [g.k_norm(heads(t)).flatten(2) for g, t in zip(self.groups, k)]
-        if self.clip_qkv is not None:
-            c = self.clip_qkv
-            q, k, v = ([t.clamp(-c, c) for t in ts] for ts in (q, k, v))
-        q, k, v = ([heads(t).transpose(1, 2) for t in ts] for ts in (q, k, v))  # [B, n, T, hd]
+        q, k, v = project(self.spec, self.groups, x)
         cos, sin = position_embeddings
-        q, k = map(list, zip(*(self._rotary(qh, kh, cos, sin) for qh, kh in zip(q, k))))
+        q, k = map(list, zip(*(self.spec.rotary(qh, kh, cos, sin) for qh, kh in zip(q, k))))
         if past_key_values is not None:  # one cache layer, groups side by side on the head axis
             kv_heads = k[0].shape[1]
             k_all, v_all = past_key_values.update(torch.cat(k, 1), torch.cat(v, 1), self.layer_idx)
             k, v = list(k_all.split(kv_heads, 1)), list(v_all.split(kv_heads, 1))
-
-        first = self.groups[0]
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(first.config._attn_implementation, self._eager)
-        out = []
-        for g, qh, kh, vh in zip(self.groups, q, k, v):
-            o, _ = attend(
-                g, qh, kh, vh, attention_mask,
-                dropout=0.0, scaling=g.scaling, sliding_window=g.sliding_window, **kwargs,
-            )
-            out.append(g.o_proj(o.reshape(B, T, -1)) * H)
-        return torch.stack(out)
-
-    def _full_width_rms_norm(self, parts: list[Tensor], weights: list[Tensor], width: int) -> list[Tensor]:
-        """RMSNorm over all heads when each group holds a slice: sum of squares reduced across
-        groups (in a distributed run, one small all-reduce of [B, T] per q and k)."""
-        dtype = parts[0].dtype
-        parts32 = [p.float() for p in parts]
-        variance = sum(p.pow(2).sum(-1, keepdim=True) for p in parts32) / width
-        inv = torch.rsqrt(variance + self.norm_eps)
-        return [w * (p * inv).to(dtype) for p, w in zip(parts32, weights)]
+        H = len(self.groups)
+        return torch.stack([attend(self.spec, g, qh, kh, vh, attention_mask, H, **kwargs)
+                            for g, qh, kh, vh in zip(self.groups, q, k, v)])
