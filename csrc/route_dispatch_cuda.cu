@@ -1,5 +1,7 @@
 // foe::sum_route_dispatch_native on CUDA: validates, allocates and launches the kernels of
 // kernels/route_dispatch.cuh (the same extern "C" entry points that CuPy compiles with NVRTC).
+// Default (split): norm kernel, logits = at::linear(xn, router_weight) (cuBLAS; the reference's own call),
+// softmax/top-k kernel, grouping. FOE_CUDA_ROUTE=fused selects the older one-block-per-token kernel.
 #include "dispatch_types.h"
 #include "cuda_launch.h"
 #include "foe_ops.h"
@@ -10,7 +12,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace foe {
 
@@ -23,16 +29,22 @@ template <>
 struct RouteKernel<float> {
   using type = float;
   static constexpr auto launch = foe_route_tokens_f32;
+  static constexpr auto norm = foe_route_norm_f32;
+  static constexpr auto topk = foe_route_topk_f32;
 };
 template <>
 struct RouteKernel<at::BFloat16> {
   using type = foe_bf16;
   static constexpr auto launch = foe_route_tokens_bf16;
+  static constexpr auto norm = foe_route_norm_bf16;
+  static constexpr auto topk = foe_route_topk_bf16;
 };
 template <>
 struct RouteKernel<at::Half> {
   using type = foe_f16;
   static constexpr auto launch = foe_route_tokens_f16;
+  static constexpr auto norm = foe_route_norm_f16;
+  static constexpr auto topk = foe_route_topk_f16;
 };
 
 template <typename scalar_t>
@@ -45,6 +57,13 @@ typename RouteKernel<scalar_t>::type* as_kernel_mut(at::Tensor& t) {
   return reinterpret_cast<typename RouteKernel<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
 }
 
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+bool use_fused_kernel() {
+  const char* choice = std::getenv("FOE_CUDA_ROUTE");
+  return choice != nullptr && std::strcmp(choice, "fused") == 0;
+}
+
 }  // namespace
 
 // Stable grouping of ids [n] by expert on the current stream: pairs [n], offsets [E+1].
@@ -52,24 +71,29 @@ void group_by_expert_cuda(const at::Tensor& ids, int64_t num_experts, at::Tensor
   const int64_t n = ids.numel();
   TORCH_CHECK(n < INT_MAX && num_experts * 4 <= 48 * 1024,
               "group_by_expert_cuda supports T*k < 2^31 and E <= 12288; split the batch");
-  const int tiles = static_cast<int>((n + FOE_TILE - 1) / FOE_TILE);
-  auto tile_counts = at::empty({std::max(tiles, 1), num_experts}, ids.options().dtype(at::kInt));  // [tiles,E]
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int E = static_cast<int>(num_experts), shared = E * static_cast<int>(sizeof(int));
-  if (tiles > 0) {
-    foe_count_tiles<<<tiles, FOE_TILE, shared, stream>>>(ll_ptr(ids), static_cast<int>(n), E,
-                                                         tile_counts.mutable_data_ptr<int>());
+  const int E = static_cast<int>(num_experts);
+  if (n <= FOE_GROUP_SMALL && (n + num_experts) * 4 <= 48 * 1024) {  // one block (also n = 0: offsets = 0)
+    const size_t shared = static_cast<size_t>(n + num_experts) * sizeof(int);
+    foe_group_small<<<1, FOE_GROUP_THREADS, shared, stream>>>(ll_ptr(ids), static_cast<int>(n), E,
+                                                              ll_ptr_mut(pairs), ll_ptr_mut(offsets));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  foe_scan_tiles<<<1, 1024, shared, stream>>>(tile_counts.mutable_data_ptr<int>(), tiles, E,
-                                              ll_ptr_mut(offsets));
+  const int tiles = static_cast<int>((n + FOE_TILE - 1) / FOE_TILE);  // >= 1 here
+  TORCH_CHECK(static_cast<int64_t>(tiles) * num_experts < INT_MAX, "group_by_expert_cuda: E * T*k/", FOE_TILE,
+              " must stay below 2^31; split the batch");
+  auto tile_counts = at::empty({num_experts, tiles}, ids.options().dtype(at::kInt));  // [E, tiles]
+  const size_t shared = static_cast<size_t>(E) * sizeof(int);
+  foe_count_tiles<<<tiles, FOE_TILE, shared, stream>>>(ll_ptr(ids), static_cast<int>(n), E, tiles,
+                                                       tile_counts.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (tiles > 0) {
-    foe_place_tiles<<<tiles, FOE_TILE, 0, stream>>>(ll_ptr(ids), static_cast<int>(n), E,
-                                                    tile_counts.const_data_ptr<int>(),
-                                                    ll_ptr_mut(pairs));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  foe_scan_flat<<<1, FOE_SCAN_THREADS, 0, stream>>>(tile_counts.mutable_data_ptr<int>(), tiles, E,
+                                                    ll_ptr_mut(offsets));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  foe_place_tiles<<<tiles, FOE_TILE, 0, stream>>>(ll_ptr(ids), static_cast<int>(n), E, tiles,
+                                                  tile_counts.const_data_ptr<int>(), ll_ptr_mut(pairs));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
@@ -88,14 +112,38 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
   auto weights = at::empty({T, top_k}, par.options());
   auto pairs = at::empty({T * top_k}, par.options().dtype(at::kLong));
   auto offsets = at::empty({E + 1}, par.options().dtype(at::kLong));
-  if (T > 0) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (T > 0 && use_fused_kernel()) {
     FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {
       const size_t shared = static_cast<size_t>(E + top_k) * sizeof(float);
-      RouteKernel<scalar_t>::launch<<<T, FOE_ROUTE_THREADS, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      RouteKernel<scalar_t>::launch<<<T, FOE_ROUTE_THREADS, shared, stream>>>(
           as_kernel<scalar_t>(res), res.size(0) == 1 ? 0 : T * d, as_kernel<scalar_t>(par),
           as_kernel<scalar_t>(nw), as_kernel<scalar_t>(rw), static_cast<float>(eps), static_cast<int>(H), T, d,
           static_cast<int>(E), static_cast<int>(top_k), renormalize ? 1 : 0, as_kernel_mut<scalar_t>(r),
           as_kernel_mut<scalar_t>(xn), ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (T > 0) {
+    TORCH_CHECK(T < INT_MAX, "the CUDA route kernels take T < 2^31 tokens; split the batch");
+    FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {
+      constexpr int64_t vec = 16 / sizeof(scalar_t);
+      const bool vectorised = d % vec == 0 && aligned16(res) && aligned16(par) && aligned16(nw) &&
+                              aligned16(r) && aligned16(xn);
+      RouteKernel<scalar_t>::norm<<<static_cast<unsigned>(T), FOE_NORM_THREADS, 0, stream>>>(
+          as_kernel<scalar_t>(res), res.size(0) == 1 ? 0 : T * d, as_kernel<scalar_t>(par), as_kernel<scalar_t>(nw),
+          static_cast<float>(eps), static_cast<int>(H), T, d, vectorised ? 1 : 0, as_kernel_mut<scalar_t>(r),
+          as_kernel_mut<scalar_t>(xn));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // The reference's call (F.linear in the dtype, cuBLAS); the top-k kernel reads the dtype logits and
+      // converts them exactly, as .float() does.
+      const auto logits = at::linear(xn, router_weight).contiguous();  // [T, E]
+      const int64_t per_warp = (E + top_k) * static_cast<int64_t>(sizeof(float));
+      const int64_t warps = std::max<int64_t>(1, std::min<int64_t>({FOE_TOPK_WARPS, 48 * 1024 / per_warp, T}));
+      const int64_t blocks = (T + warps - 1) / warps;
+      RouteKernel<scalar_t>::topk<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps),
+                                     static_cast<size_t>(warps * per_warp), stream>>>(
+          as_kernel<scalar_t>(logits), T, static_cast<int>(E), static_cast<int>(num_groups), static_cast<int>(top_k),
+          renormalize ? 1 : 0, ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -1,18 +1,31 @@
 // foe::sum_route_dispatch on CUDA (NVRTC-compatible, no includes besides common.cuh).
-//   foe_route_tokens_<dtype>  one block per token: r = mean_h(residual + partials), xn = RMSNorm(r) * w,
-//                             logits = xn @ router^T (warp per expert), fp32 softmax, quota top-(k/H)
-//                             per expert block (warp per group, ties to the lower id), renormalise
-//   foe_count_tiles           picks per (tile of FOE_TILE pairs, expert)
-//   foe_scan_tiles            one block: expert_offsets and each (tile, expert)'s first output slot
+// Split path (default; the launcher computes logits = F.linear(xn, router_weight) with cuBLAS in between,
+// exactly the reference's call, so the logits are the reference's bit for bit):
+//   foe_route_norm_<dtype>    one block per token: r = mean_h(residual + partials), xn = RMSNorm(r) * w
+//                             (16-byte vector loads when `vec`), fp32 accumulation, the reference's roundings
+//   foe_route_topk_<dtype>    one warp per token, several tokens per block: fp32 softmax of the dtype logits
+//                             (ATen's warp softmax order: lane sums of e = lane + 32i, xor butterfly, divide),
+//                             quota top-(k/H) per expert block (ties to the lower id, NaN largest), renormalise
+//   foe_group_small           one block, T*k <= FOE_GROUP_SMALL: counts, scan, warp-serial stable placement
+//   foe_count_tiles           picks per (expert, tile of FOE_TILE pairs), expert-major
+//   foe_scan_flat             one block: exclusive scan of the expert-major counts = each (expert, tile)'s
+//                             first output slot; expert_offsets read off it
 //   foe_place_tiles           each pair's rank among earlier same-expert pairs of its tile -> its slot
-// Count, scan, place is deterministic and stable: pairs of one expert come out in ascending order,
-// exactly as the reference's stable sort. No atomics on global memory, no host synchronisation.
+// Fused path (kept selectable, FOE_CUDA_ROUTE=fused): foe_route_tokens_<dtype>, one block per token doing
+// norm, router GEMV on CUDA cores, softmax and top-k.
+// Grouping is deterministic and stable: pairs of one expert come out in ascending order, exactly as the
+// reference's stable sort. No atomics on global memory, no host synchronisation, CUDA-graph safe.
 #pragma once
 
 #include "common.cuh"
 
 #define FOE_ROUTE_THREADS 256
 #define FOE_TILE 256
+#define FOE_NORM_THREADS 256
+#define FOE_TOPK_WARPS 8
+#define FOE_GROUP_THREADS 1024
+#define FOE_GROUP_SMALL 4096
+#define FOE_SCAN_THREADS 1024
 
 template <typename scalar_t>
 __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long long residual_group_stride /*0 or T*d*/,
@@ -102,59 +115,271 @@ FOE_ROUTE_ENTRY(f32, float)
 FOE_ROUTE_ENTRY(bf16, foe_bf16)
 FOE_ROUTE_ENTRY(f16, foe_f16)
 
-// grid = tiles, block = FOE_TILE, shared = E ints.
-extern "C" __global__ void __launch_bounds__(FOE_TILE) foe_count_tiles(const long long* ids /*[n]*/, int n, int E,
-                                                                        int* tile_counts /*[tiles,E]*/) {
+// ---- split path ---------------------------------------------------------------------------------------
+
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) foe_pack {
+  scalar_t v[V];
+};
+
+// V elements per chunk (V > 1 needs d % V == 0 and 16-byte aligned rows; the launcher checks).
+template <typename scalar_t, int V>
+__device__ __forceinline__ void foe_norm_row(const scalar_t* __restrict__ residual, long long residual_group_stride,
+                                             const scalar_t* __restrict__ partials,
+                                             const scalar_t* __restrict__ norm_weight, float eps, int H, long long T,
+                                             long long d, long long t, scalar_t* __restrict__ r,
+                                             scalar_t* __restrict__ xn, float* scratch) {
+  typedef foe_pack<scalar_t, V> pack;
+  const long long chunks = d / V;
+  float sumsq = 0.f;
+  for (long long c = threadIdx.x; c < chunks; c += blockDim.x) {
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    for (int h = 0; h < H; ++h) {
+      const pack a = *reinterpret_cast<const pack*>(residual + h * residual_group_stride + t * d + c * V);
+      const pack b = *reinterpret_cast<const pack*>(partials + (h * T + t) * d + c * V);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += foe_round<scalar_t>(foe_to_float(a.v[i]) + foe_to_float(b.v[i]));
+    }
+    pack out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      out.v[i] = foe_from_float<scalar_t>(foe_round<scalar_t>(acc[i]) / (float)H);  // ATen mean: sum, then divide
+      const float ri = foe_to_float(out.v[i]);
+      sumsq += ri * ri;
+    }
+    *reinterpret_cast<pack*>(r + t * d + c * V) = out;
+  }
+  const float rstd = rsqrtf(foe_block_reduce(sumsq, false, scratch) / (float)d + eps);
+  for (long long c = threadIdx.x; c < chunks; c += blockDim.x) {  // the same chunks this thread wrote
+    const pack a = *reinterpret_cast<const pack*>(r + t * d + c * V);
+    const pack w = *reinterpret_cast<const pack*>(norm_weight + c * V);
+    pack out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float normed = foe_round<scalar_t>(foe_to_float(a.v[i]) * rstd);
+      out.v[i] = foe_from_float<scalar_t>(foe_to_float(w.v[i]) * normed);
+    }
+    *reinterpret_cast<pack*>(xn + t * d + c * V) = out;
+  }
+}
+
+// grid = T (1-D), block = FOE_NORM_THREADS, no dynamic shared memory.
+#define FOE_NORM_ENTRY(SUFFIX, TYPE)                                                                              \
+  extern "C" __global__ void __launch_bounds__(FOE_NORM_THREADS) foe_route_norm_##SUFFIX(                         \
+      const TYPE* __restrict__ residual, long long residual_group_stride, const TYPE* __restrict__ partials,       \
+      const TYPE* __restrict__ norm_weight, float eps, int H, long long T, long long d, int vec,                   \
+      TYPE* __restrict__ r, TYPE* __restrict__ xn) {                                                              \
+    __shared__ float scratch[32];                                                                                 \
+    const long long t = blockIdx.x;                                                                               \
+    if (vec) {                                                                                                    \
+      foe_norm_row<TYPE, 16 / sizeof(TYPE)>(residual, residual_group_stride, partials, norm_weight, eps, H, T, d,  \
+                                            t, r, xn, scratch);                                                  \
+    } else {                                                                                                      \
+      foe_norm_row<TYPE, 1>(residual, residual_group_stride, partials, norm_weight, eps, H, T, d, t, r, xn,        \
+                            scratch);                                                                             \
+    }                                                                                                             \
+  }
+FOE_NORM_ENTRY(f32, float)
+FOE_NORM_ENTRY(bf16, foe_bf16)
+FOE_NORM_ENTRY(f16, foe_f16)
+
+// One warp per token. Shared memory per warp: E + k floats (probabilities, then the k picked values).
+template <typename scalar_t>
+__device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logits /*[T,E] in the dtype*/,
+                                               long long T, int E, int H, int k, int renormalize,
+                                               long long* __restrict__ ids /*[T,k]*/,
+                                               scalar_t* __restrict__ weights /*[T,k]*/, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+  if (t >= T) return;  // the whole warp leaves together: the shuffles below see all 32 lanes
+  float* probs = shared + (long long)warp * (E + k);
+  float* picked = probs + E;
+  const scalar_t* row = logits + t * E;
+
+  float max_logit = -3.402823466e38f;
+  for (int e = lane; e < E; e += 32) {
+    const float logit = foe_to_float(row[e]);  // F.linear's dtype logits, .float(): exact
+    probs[e] = logit;
+    max_logit = fmaxf(max_logit, logit);
+  }
+  max_logit = foe_warp_max(max_logit);
+  float sum = 0.f;
+  for (int e = lane; e < E; e += 32) {
+    const float p = expf(probs[e] - max_logit);
+    probs[e] = p;
+    sum += p;  // ATen's warp softmax: each lane sums e = lane + 32 i in order, then an xor butterfly
+  }
+  sum = foe_warp_sum(sum);
+  for (int e = lane; e < E; e += 32) probs[e] = probs[e] / sum;
+  __syncwarp();
+
+  const int block = E / H, per_group = k / H;
+  for (int g = 0; g < H; ++g) {
+    for (int j = 0; j < per_group; ++j) {
+      float best = -1.f;  // taken experts hold -1 and never win; probabilities are >= 0
+      int best_id = E;
+      for (int e = g * block + lane; e < (g + 1) * block; e += 32) {
+        const float p = probs[e];
+        const float key = p != p ? 2.f : p;  // torch.topk ranks NaN above every number
+        if (key > best) best = key, best_id = e;  // ascending e: keeps the lower id on ties
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+        const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
+        if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
+      }
+      if (lane == 0) {
+        ids[t * k + g * per_group + j] = best_id;
+        picked[g * per_group + j] = probs[best_id];
+        probs[best_id] = -1.f;
+      }
+      __syncwarp();
+    }
+  }
+  float total = 0.f;
+  for (int j = 0; j < k; ++j) total += picked[j];  // every lane, the same order
+  for (int j = lane; j < k; j += 32) {
+    weights[t * k + j] = foe_from_float<scalar_t>(renormalize ? picked[j] / total : picked[j]);
+  }
+}
+
+// grid = ceil(T / warps), block = 32 * warps, shared = warps * (E + k) floats.
+#define FOE_TOPK_ENTRY(SUFFIX, TYPE)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * FOE_TOPK_WARPS) foe_route_topk_##SUFFIX(                  \
+      const TYPE* __restrict__ logits, long long T, int E, int H, int k, int renormalize,                      \
+      long long* __restrict__ ids, TYPE* __restrict__ weights) {                                              \
+    extern __shared__ float foe_topk_shared[];                                                                \
+    foe_route_topk<TYPE>(logits, T, E, H, k, renormalize, ids, weights, foe_topk_shared);                     \
+  }
+FOE_TOPK_ENTRY(f32, float)
+FOE_TOPK_ENTRY(bf16, foe_bf16)
+FOE_TOPK_ENTRY(f16, foe_f16)
+
+// ---- grouping ---------------------------------------------------------------------------------------
+
+// Exclusive scan over one warp's values; every lane gets its exclusive prefix and the warp total.
+__device__ __forceinline__ int foe_warp_exclusive_scan(int value, int* total) {
+  const int lane = threadIdx.x & 31;
+  int inclusive = value;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  *total = __shfl_sync(0xffffffffu, inclusive, 31);
+  return inclusive - value;
+}
+
+// grid = 1, block = FOE_GROUP_THREADS, shared = (E + n) ints, n = T*k <= FOE_GROUP_SMALL.
+extern "C" __global__ void __launch_bounds__(FOE_GROUP_THREADS) foe_group_small(const long long* __restrict__ ids,
+                                                                                int n, int E,
+                                                                                long long* __restrict__ pairs,
+                                                                                long long* __restrict__ offsets) {
+  extern __shared__ int foe_group_shared[];
+  int* cursor = foe_group_shared;         // [E] counts, then each expert's next free slot
+  int* expert = foe_group_shared + E;     // [n] ids as int
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < n; p += blockDim.x) {
+    const int e = (int)ids[p];
+    expert[p] = e;
+    atomicAdd(&cursor[e], 1);  // shared-memory counts: order does not matter
+  }
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  int carry = 0;
+  for (int base = 0; base < E; base += 32) {
+    const int e = base + lane;
+    const int count = e < E ? cursor[e] : 0;
+    int chunk_total;
+    const int start = carry + foe_warp_exclusive_scan(count, &chunk_total);
+    if (e < E) {
+      cursor[e] = start;
+      offsets[e] = start;
+    }
+    carry += chunk_total;
+  }
+  if (lane == 0) offsets[E] = carry;
+  __syncwarp();
+  for (int base = 0; base < n; base += 32) {  // 32 pairs at a time, in order: stable
+    const int p = base + lane;
+    const int e = p < n ? expert[p] : -1 - lane;  // inactive lanes match nobody
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(same & ((1u << lane) - 1u));
+    int slot = 0;
+    if (p < n) slot = cursor[e] + rank;
+    __syncwarp();  // every lane has read its expert's cursor
+    if (p < n) {
+      pairs[slot] = p;
+      if (rank == 0) cursor[e] += __popc(same);
+    }
+    __syncwarp();
+  }
+}
+
+// grid = tiles, block = FOE_TILE, shared = E ints. tile_counts is expert-major: [E, tiles].
+extern "C" __global__ void __launch_bounds__(FOE_TILE) foe_count_tiles(const long long* __restrict__ ids /*[n]*/,
+                                                                        int n, int E, int tiles,
+                                                                        int* __restrict__ tile_counts /*[E,tiles]*/) {
   extern __shared__ int histogram[];  // [E]
   for (int e = threadIdx.x; e < E; e += blockDim.x) histogram[e] = 0;
   __syncthreads();
-  const int p = blockIdx.x * FOE_TILE + threadIdx.x;
+  const long long p = (long long)blockIdx.x * FOE_TILE + threadIdx.x;
   if (p < n) atomicAdd(&histogram[ids[p]], 1);  // shared-memory counts: order does not matter
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) tile_counts[(long long)blockIdx.x * E + e] = histogram[e];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) tile_counts[(long long)e * tiles + blockIdx.x] = histogram[e];
 }
 
-// grid = 1, block = any multiple of 32, shared = E ints. tile_counts becomes each (tile, expert)'s first slot.
-extern "C" __global__ void foe_scan_tiles(int* tile_counts /*[tiles,E]*/, int tiles, int E,
-                                          long long* offsets /*[E+1]*/) {
-  extern __shared__ int totals[];  // [E] picks per expert
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int running = 0;
-    for (int tile = 0; tile < tiles; ++tile) {
-      const int count = tile_counts[(long long)tile * E + e];
-      tile_counts[(long long)tile * E + e] = running;  // exclusive, within expert e
-      running += count;
-    }
-    totals[e] = running;
+// grid = 1, block = FOE_SCAN_THREADS. Exclusive scan of data [E*tiles] in place (each thread a contiguous
+// chunk), then offsets[e] = data[e*tiles] (expert e's first slot), offsets[E] = the total.
+extern "C" __global__ void __launch_bounds__(FOE_SCAN_THREADS) foe_scan_flat(int* __restrict__ data, int tiles, int E,
+                                                                            long long* __restrict__ offsets) {
+  __shared__ int warp_start[32];
+  __shared__ int grand_total;
+  const long long length = (long long)E * tiles;
+  const long long chunk = (length + blockDim.x - 1) / blockDim.x;
+  const long long begin = min(length, (long long)threadIdx.x * chunk), end = min(length, begin + chunk);
+  int local = 0;
+  for (long long i = begin; i < end; ++i) local += data[i];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int warp_total;
+  const int within = foe_warp_exclusive_scan(local, &warp_total);
+  if (lane == 0) warp_start[warp] = warp_total;
+  __syncthreads();
+  if (warp == 0) {
+    const int total_of_warp = lane < warps ? warp_start[lane] : 0;
+    int all;
+    const int start = foe_warp_exclusive_scan(total_of_warp, &all);
+    __syncwarp();
+    if (lane < warps) warp_start[lane] = start;
+    if (lane == 0) grand_total = all;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int position = 0;
-    for (int e = 0; e < E; ++e) {
-      const int count = totals[e];
-      totals[e] = position;
-      offsets[e] = position;
-      position += count;
-    }
-    offsets[E] = position;
+  int running = warp_start[warp] + within;
+  for (long long i = begin; i < end; ++i) {
+    const int count = data[i];
+    data[i] = running;
+    running += count;
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    for (int tile = 0; tile < tiles; ++tile) tile_counts[(long long)tile * E + e] += totals[e];
-  }
+  __syncthreads();  // global writes of the block visible to the block
+  for (int e = threadIdx.x; e < E; e += blockDim.x) offsets[e] = data[(long long)e * tiles];
+  if (threadIdx.x == 0) offsets[E] = grand_total;
 }
 
 // grid = tiles, block = FOE_TILE.
-extern "C" __global__ void __launch_bounds__(FOE_TILE) foe_place_tiles(const long long* ids /*[n]*/, int n, int E,
-                                                                        const int* tile_starts /*[tiles,E]*/,
-                                                                        long long* pairs /*[n]*/) {
+extern "C" __global__ void __launch_bounds__(FOE_TILE) foe_place_tiles(const long long* __restrict__ ids /*[n]*/,
+                                                                        int n, int E, int tiles,
+                                                                        const int* __restrict__ tile_starts /*[E,tiles]*/,
+                                                                        long long* __restrict__ pairs /*[n]*/) {
   __shared__ int tile_ids[FOE_TILE];
-  const int p = blockIdx.x * FOE_TILE + threadIdx.x;
+  const long long p = (long long)blockIdx.x * FOE_TILE + threadIdx.x;
   tile_ids[threadIdx.x] = p < n ? (int)ids[p] : -1;
   __syncthreads();
   if (p >= n) return;
   const int e = tile_ids[threadIdx.x];
   int rank = 0;
   for (int q = 0; q < (int)threadIdx.x; ++q) rank += tile_ids[q] == e;
-  pairs[tile_starts[(long long)blockIdx.x * E + e] + rank] = p;
+  pairs[tile_starts[(long long)e * tiles + blockIdx.x] + rank] = p;
 }

@@ -69,25 +69,34 @@ def _check_dtype(*tensors: Tensor) -> str:
 
 
 def _group_by_expert(ids: Tensor, num_experts: int, pairs: Tensor, offsets: Tensor) -> None:
-    n, tile = ids.numel(), _constants()["FOE_TILE"]
-    tiles = (n + tile - 1) // tile
-    tile_counts = torch.empty(max(tiles, 1), num_experts, dtype=torch.int32, device=ids.device)  # [tiles, E]
-    shared, E = 4 * num_experts, np.int32(num_experts)
-    if tiles:
-        _launch("foe_count_tiles", ids.device, (tiles,), tile, [_ptr(ids), np.int32(n), E, _ptr(tile_counts)], shared)
-    _launch("foe_scan_tiles", ids.device, (1,), 1024, [_ptr(tile_counts), np.int32(tiles), E, _ptr(offsets)], shared)
-    if tiles:
-        _launch("foe_place_tiles", ids.device, (tiles,), tile, [_ptr(ids), np.int32(n), E, _ptr(tile_counts), _ptr(pairs)])
+    """Stable grouping on the device, the launch plan of group_by_expert_cuda (route_dispatch_cuda.cu)."""
+    c = _constants()
+    n, E = ids.numel(), np.int32(num_experts)
+    if n <= c["FOE_GROUP_SMALL"] and (n + num_experts) * 4 <= 48 * 1024:  # one block; n = 0 too
+        _launch("foe_group_small", ids.device, (1,), c["FOE_GROUP_THREADS"],
+                [_ptr(ids), np.int32(n), E, _ptr(pairs), _ptr(offsets)], 4 * (n + num_experts))
+        return
+    tiles = (n + c["FOE_TILE"] - 1) // c["FOE_TILE"]
+    if tiles * num_experts >= 2**31:
+        raise ValueError("the CUDA grouping needs E * T*k / FOE_TILE < 2^31: split the batch")
+    tile_counts = torch.empty(num_experts, tiles, dtype=torch.int32, device=ids.device)  # [E, tiles]
+    _launch("foe_count_tiles", ids.device, (tiles,), c["FOE_TILE"],
+            [_ptr(ids), np.int32(n), E, np.int32(tiles), _ptr(tile_counts)], 4 * num_experts)
+    _launch("foe_scan_flat", ids.device, (1,), c["FOE_SCAN_THREADS"],
+            [_ptr(tile_counts), np.int32(tiles), E, _ptr(offsets)])
+    _launch("foe_place_tiles", ids.device, (tiles,), c["FOE_TILE"],
+            [_ptr(ids), np.int32(n), E, np.int32(tiles), _ptr(tile_counts), _ptr(pairs)])
 
 
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
                        num_groups: int, top_k: int, renormalize: bool):
+    """Norm kernel, logits = F.linear(xn, router_weight) (the reference's call), softmax/top-k kernel, grouping."""
     ops.check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
     suffix = _check_dtype(partials, residual, norm_weight, router_weight)
-    res, par, nw, rw = (t.contiguous() for t in (residual, partials, norm_weight, router_weight))
+    res, par, nw = (t.contiguous() for t in (residual, partials, norm_weight))
     H, T, d = par.shape
-    E = rw.shape[0]
-    if T * top_k >= 2**31 or (E + top_k) * 4 > 48 * 1024:
+    E = router_weight.shape[0]
+    if T >= 2**31 or T * top_k >= 2**31 or (E + top_k) * 4 > 48 * 1024:
         raise ValueError("the CUDA route kernels support T*k < 2^31 and E <= 12000: split the batch")
     r, xn = torch.empty(T, d, dtype=par.dtype, device=par.device), torch.empty(T, d, dtype=par.dtype, device=par.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=par.device)
@@ -95,11 +104,18 @@ def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, 
     pairs = torch.empty(T * top_k, dtype=torch.int64, device=par.device)
     offsets = torch.empty(E + 1, dtype=torch.int64, device=par.device)
     if T:
-        args = [_ptr(res), np.int64(0 if res.shape[0] == 1 else T * d), _ptr(par), _ptr(nw), _ptr(rw), np.float32(eps),
-                np.int32(H), np.int64(T), np.int64(d), np.int32(E), np.int32(top_k), np.int32(bool(renormalize)),
-                _ptr(r), _ptr(xn), _ptr(ids), _ptr(weights)]
-        _launch(f"foe_route_tokens_{suffix}", par.device, (T,), _constants()["FOE_ROUTE_THREADS"], args,
-                4 * (E + top_k))
+        c = _constants()
+        vec = 16 // par.element_size()
+        vectorised = d % vec == 0 and all(t.data_ptr() % 16 == 0 for t in (res, par, nw, r, xn))
+        _launch(f"foe_route_norm_{suffix}", par.device, (T,), c["FOE_NORM_THREADS"],
+                [_ptr(res), np.int64(0 if res.shape[0] == 1 else T * d), _ptr(par), _ptr(nw), np.float32(eps),
+                 np.int32(H), np.int64(T), np.int64(d), np.int32(vectorised), _ptr(r), _ptr(xn)])
+        logits = torch.nn.functional.linear(xn, router_weight).contiguous()  # [T, E] in the dtype, cuBLAS
+        per_warp = 4 * (E + top_k)
+        warps = max(1, min(c["FOE_TOPK_WARPS"], 48 * 1024 // per_warp, T))
+        _launch(f"foe_route_topk_{suffix}", par.device, (-(-T // warps),), 32 * warps,
+                [_ptr(logits), np.int64(T), np.int32(E), np.int32(num_groups), np.int32(top_k),
+                 np.int32(bool(renormalize)), _ptr(ids), _ptr(weights)], warps * per_warp)
     _group_by_expert(ids, E, pairs, offsets)
     return r, xn, ids, weights, pairs, offsets
 

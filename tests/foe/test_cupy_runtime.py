@@ -42,3 +42,15 @@ def test_runs_on_a_side_stream():
         got = cupy_runtime.sum_route_dispatch(*args)
     torch.cuda.current_stream().wait_stream(stream)
     check_route(got, args)
+
+
+@pytest.mark.parametrize("T", [1, 513, 65537])
+def test_route_large_and_decode(T):
+    args = route_inputs(T, 128, 8, 4, d=64, dtype=torch.bfloat16, device="cuda")
+    check_route(cupy_runtime.sum_route_dispatch(*args), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_odd_hidden_size_scalar_path(dtype):
+    args = route_inputs(33, 60, 8, 4, d=97, dtype=dtype, device="cuda", residual_groups=4)
+    check_route(cupy_runtime.sum_route_dispatch(*args), args)

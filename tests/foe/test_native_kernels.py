@@ -132,3 +132,63 @@ def test_experts_cuda(T, dtype):
 @needs_cuda
 def test_cuda_graph_replay_equals_eager():
     check_graph_replay(route_native, experts_native)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 513, 65537])
+def test_route_cuda_large_and_decode(T):
+    # T=1: one-block grouping; 513*8 > FOE_GROUP_SMALL and 65537*8: the tile count/scan/place path.
+    args = route_inputs(T, 128, 8, 4, d=64, dtype=torch.bfloat16, device="cuda", residual_groups=1)
+    check_route(route_native(*args), args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_cuda_odd_hidden_size_scalar_path(dtype):
+    args = route_inputs(33, 60, 8, 4, d=97, dtype=dtype, device="cuda", residual_groups=4)  # d % 8 != 0
+    check_route(route_native(*args), args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_route_cuda_bf16_logits_and_softmax_match_the_reference_exactly():
+    # logits come from the reference's own F.linear call; the softmax follows ATen's warp softmax order.
+    args = route_inputs(256, 128, 8, 4, d=256, dtype=torch.bfloat16, device="cuda", seed=5)
+    got, want = route_native(*args), reference.sum_route_dispatch(*args)
+    assert torch.equal(got[0], want[0])
+    if torch.equal(got[1], want[1]):
+        assert torch.equal(got[2], want[2]) and torch.equal(got[4], want[4]) and torch.equal(got[5], want[5])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 600])
+def test_route_cuda_graph_capture(T):
+    args = list(route_inputs(T, 128, 8, 4, d=128, dtype=torch.bfloat16, device="cuda"))
+    route_native(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = route_native(*args)
+    fresh = route_inputs(T, 128, 8, 4, d=128, dtype=torch.bfloat16, device="cuda", seed=11)
+    for static, new in zip(args[:2], fresh[:2]):
+        static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, route_native(*args)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_route_cuda_fused_kernel_still_selectable():
+    code = ("import torch, sys; sys.path.insert(0, 'tests/foe'); import foe_compile.kernels.native; "
+            "from native_cases import check_route, route_inputs; "
+            "args = route_inputs(111, 60, 8, 4, d=96, dtype=torch.bfloat16, device='cuda'); "
+            "check_route(torch.ops.foe.sum_route_dispatch_native(*args), args); print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FOE_CUDA_ROUTE="fused"), cwd=root,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
