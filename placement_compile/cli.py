@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "small.pt"
+# NOTE: on the shared 2-core box the ibm01 demo took 3 min 9 s with torch's default 2 threads and
+# 51 s with 1 (same output): the per-step tensors are small and two threads contend. Default 1.
+THREADS_HELP = "torch CPU threads (0: torch's default; 1 is fastest on small shared machines)"
 
 
 def _add_place(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +30,7 @@ def _add_place(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="out", help="output directory")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="denoiser weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -52,7 +56,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--resume", action="store_true", help="continue from run_dir/last.pt")
 
 
@@ -77,8 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from placement_compile.synthetic import load_dataset
     from placement_compile.train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                       val_every=args.val_every, ckpt_every=args.ckpt_every)
     val = load_dataset(args.val) if args.val else []
@@ -95,9 +98,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_place(args: argparse.Namespace) -> int:
     from placement_compile.run_place import run_place
 
+    _set_threads(args.threads)
     return run_place(args)
 
 
