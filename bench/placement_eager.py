@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     view = macro_view(circuit)
     graph = circuit_to_graph(view).to(device)
     model = load_model(args.checkpoint).to(device)
-    rows = []
+    commit, rows = _commit(), []
     for batch in args.batches:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         sampling = sum(result.seconds[k] for k in ("denoiser", "guidance", "legalizer"))
         rows.append({
             "circuit": f"{args.circuit} macro-only", "device": str(device), "threads": torch.get_num_threads(),
-            "commit": _commit(), "B": batch, "steps": args.steps, "guidance_steps": args.guidance_steps,
+            "commit": commit, "B": batch, "steps": args.steps, "guidance_steps": args.guidance_steps,
             "legalizer_budget": args.legalizer_steps, "legalizer_steps_run": result.legalizer_steps,
             "denoiser_s": round(result.seconds["denoiser"], 3), "guidance_s": round(result.seconds["guidance"], 3),
             "legalizer_s": round(result.seconds["legalizer"], 3), "total_s": round(sampling, 3),
