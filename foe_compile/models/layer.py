@@ -19,7 +19,9 @@ from .attention import FoEAttention
 from .moe import FoEMoE
 
 
-class ExactDecoderLayer(nn.Module):
+class GroupedDecoderLayer(nn.Module):
+    """What both forms hold: the source's norms (shared), group attention and the split MLP."""
+
     def __init__(self, source_layer: nn.Module, attention: FoEAttention, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = source_layer.input_layernorm
@@ -27,6 +29,9 @@ class ExactDecoderLayer(nn.Module):
         self.self_attn = attention
         self.mlp = mlp
         self.num_groups = len(attention.groups)
+
+
+class ExactDecoderLayer(GroupedDecoderLayer):
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids=None,
                 past_key_values=None, use_cache: bool | None = False, position_embeddings=None, **kwargs) -> Tensor:
@@ -37,15 +42,10 @@ class ExactDecoderLayer(nn.Module):
         return r + m.sum(0)  # the second all-reduce
 
 
-class FoEDecoderLayer(nn.Module):
+class FoEDecoderLayer(GroupedDecoderLayer):
     def __init__(self, source_layer: nn.Module, attention: FoEAttention, mlp: nn.Module, *,
                  attn_stream_scale: float, is_first: bool, is_last: bool) -> None:
-        super().__init__()
-        self.input_layernorm = source_layer.input_layernorm
-        self.post_attention_layernorm = source_layer.post_attention_layernorm
-        self.self_attn = attention
-        self.mlp = mlp
-        self.num_groups = len(attention.groups)
+        super().__init__(source_layer, attention, mlp)
         self.attn_stream_scale = attn_stream_scale
         self.is_first, self.is_last = is_first, is_last
 
