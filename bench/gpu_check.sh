@@ -85,7 +85,7 @@ fi
 
 echo "== 3 GPU tests"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then STATUS+=("tests SKIPPED (SKIP_TESTS=1)"); else
-    step tests 150 150 $PY -m pytest -m gpu tests/ -q --no-header -p no:cacheprovider --durations=10 \
+    step tests 150 150 $PY -m pytest -m gpu tests/foe -q --no-header -p no:cacheprovider --durations=10 \
         --continue-on-collection-errors
 fi
 
