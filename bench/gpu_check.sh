@@ -6,7 +6,7 @@
 # Steps, each under its own timeout, each failure reported and never fatal:
 #   1 machine: nvidia-smi and versions            4 GPU benchmarks (bf16, all shapes and T)
 #   2 build:   pip install -e . (CUDA extension)  5 tune the Triton launch configs (what time is left)
-#   3 tests:   pytest -m gpu tests/               6 the short table (ours vs grouped_mm vs floor), last
+#   3 tests:   pytest -m gpu tests/foe            6 the short table (ours vs grouped_mm vs floor), last
 # The whole run stays under BUDGET_S (default 500 s): a step's timeout is cut to what is left.
 # Optional: FOE_COMMIT=<hash> labels the rows when .git is not copied; TUNE_S=0 skips tuning;
 # SKIP_BUILD=1 / SKIP_TESTS=1 for a second, benchmark-only call on a warm machine;

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .calibration import max_rel_error, rel_error
+from .capture import export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
@@ -36,7 +37,7 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
     args = tuple(example) if len(example) > 1 else (example[0],)
     # Hugging Face models capture without their KV cache.
     kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    gm = torch.export.export(model, args, kwargs=kwargs, strict=False).module()
+    gm = export_aten(model, args, kwargs).module()
     results = run_passes(gm, config.num_groups)
     blocks = gm.meta.get(MOE_KEY, [])
     if not blocks:

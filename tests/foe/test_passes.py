@@ -173,3 +173,23 @@ def test_lower_experts_must_not_fire_without_matches():
     code = copy.deepcopy(gm.code)
     find_moe_blocks(gm)
     assert lower_experts(gm).rewrites == 0 and gm.code == code
+
+
+@torch.no_grad()
+def test_hf_decoder_layer_captured_with_export_and_fused():
+    """A Hugging Face decoder layer (no KV cache) through torch.export, then the whole pipeline."""
+    from foe_compile.capture import export_aten
+    from foe_compile.passes import run_passes
+
+    model = builtin_model("olmoe-tiny")
+    layer = model.model.layers[0]
+    x = torch.randn(1, 6, 64)
+    positions = torch.arange(6)[None]
+    rope = model.model.rotary_emb(x, positions)
+    gm = export_aten(layer, (x,), {"position_embeddings": rope, "attention_mask": None}).module()
+    before = gm(x, position_embeddings=rope, attention_mask=None)
+    results = {r.name: r.rewrites for r in run_passes(gm)}
+    assert results == {"find_moe_blocks": 1, "find_gqa_attention": 1, "partition_groups": 1,
+                       "fuse_sum_route_dispatch": 1, "lower_experts": 1}
+    assert count(gm, "foe.sum_route_dispatch") == 1 and count(gm, "foe.experts_swiglu") == 1
+    torch.testing.assert_close(gm(x, position_embeddings=rope, attention_mask=None), before, rtol=1e-5, atol=1e-6)
