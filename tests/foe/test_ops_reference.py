@@ -109,3 +109,15 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(RuntimeError, match="residual"):
         torch.ops.foe.sum_route_dispatch(a["residual"][:, :3], a["partials"], a["norm_weight"], 1e-6,
                                          a["router_weight"], 2, 2, True)
+
+
+def test_auto_dispatch_rule():
+    from foe_compile.kernels.dispatch import preference
+
+    assert preference("sum_route_dispatch", "cpu") == ("native",)
+    assert preference("sum_route_dispatch", "cuda", 1, 128)[0] == "native"
+    # Experts: Triton except eager single-token decode with many experts (measured, see NOTE).
+    assert preference("experts_swiglu", "cuda", 1, 128)[0] == "native"
+    assert preference("experts_swiglu", "cuda", 1, 128, capturing=True)[0] == "triton"
+    assert preference("experts_swiglu", "cuda", 8, 128)[0] == "triton"
+    assert preference("experts_swiglu", "cuda", 1, 8)[0] == "triton"
