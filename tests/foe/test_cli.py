@@ -1,0 +1,44 @@
+"""The foe-compile command line: convert (built-in name or local directory) and demo."""
+import json
+
+import pytest
+import torch
+from foe_testing import tokens
+
+from foe_compile import builtin_model, from_pretrained
+from foe_compile.cli import main
+from foe_compile.models import ExactDecoderLayer
+
+
+def test_convert_builtin_saves_and_reports(tmp_path, capsys):
+    out, report = tmp_path / "model", tmp_path / "report.json"
+    assert main(["convert", "qwen3-moe-tiny", "--mode", "exact", "--calibration-tokens", "16",
+                 "--out", str(out), "--report-json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["mode"] == "exact" and data["calibration_tokens"] == 16 and data["logits_max_rel_error"] <= 1e-5
+    assert "expert-parallel all-to-all" in capsys.readouterr().out
+    assert isinstance(from_pretrained(out).model.layers[0], ExactDecoderLayer)
+
+
+@torch.no_grad()
+def test_convert_local_directory(tmp_path):
+    source = builtin_model("olmoe-tiny")
+    source.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "--groups", "2", "--out", str(tmp_path / "foe")]) == 0
+    model = from_pretrained(tmp_path / "foe")
+    assert model.foe_config.num_groups == 2
+    model(tokens(1, 5))
+
+
+def test_convert_errors_are_clear(tmp_path):
+    with pytest.raises(SystemExit, match="neither a local model directory nor a built-in model"):
+        main(["convert", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"Valid num_groups: \[1, 2\]"):
+        main(["convert", "mixtral-tiny", "--groups", "4", "--calibration-tokens", "0"])
+
+
+def test_demo_verifies_every_family(capsys):
+    assert main(["demo", "--calibration-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("exact-mode check") == 4 and "FAILED" not in out
+    assert "exact mode verified for every family" in out
