@@ -5,6 +5,7 @@ short text table. Also a CLI to re-print the table of a saved run:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -27,11 +28,9 @@ def machine_meta(device: str, dtype: torch.dtype) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     versions = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
+    with contextlib.suppress(ImportError):
         import triton
         versions["triton"] = triton.__version__
-    except ImportError:
-        pass
     return {"device": name, "dtype": str(dtype).removeprefix("torch."), "versions": versions,
             "commit": os.environ.get("FOE_COMMIT") or commit or "unknown"}
 

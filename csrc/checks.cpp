@@ -1,7 +1,8 @@
-// Argument checks of the native foe:: ops; mirror ops.check_route_args / check_experts_args and add the
-// dtype/device rules the kernels rely on.
+// Argument checks of the native foe:: ops (they mirror ops.check_route_args / check_experts_args and add the
+// dtype/device rules the kernels rely on), and the route outputs every device allocates alike.
 #include "foe_ops.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace foe {
@@ -62,6 +63,14 @@ void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at
   for (const at::Tensor* t : {&gate_up, &down, &topk_ids, &topk_weights, &sorted_pairs, &expert_offsets}) {
     TORCH_CHECK(t->device() == x.device(), "all inputs of foe::experts_swiglu must be on x's device ", x.device());
   }
+}
+
+RouteOutputs empty_route_outputs(const at::Tensor& partials, int64_t num_experts, int64_t top_k) {
+  const int64_t T = partials.size(1), d = partials.size(2);
+  const auto longs = partials.options().dtype(at::kLong);
+  return {at::empty({T, d}, partials.options()), at::empty({T, d}, partials.options()),
+          at::empty({T, top_k}, longs),          at::empty({T, top_k}, partials.options()),
+          at::empty({T * top_k}, longs),         at::empty({num_experts + 1}, longs)};
 }
 
 }  // namespace foe

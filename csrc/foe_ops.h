@@ -14,6 +14,9 @@ namespace foe {
 //  expert_offsets [E+1] int64)
 using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Uninitialised (r [T,d], xn [T,d], ids [T,k], weights [T,k], pairs [T*k], offsets [E+1]) on partials' device.
+RouteOutputs empty_route_outputs(const at::Tensor& partials /*[H,T,d]*/, int64_t num_experts, int64_t top_k);
+
 // Argument checks shared by every device (messages say what to change).
 void check_route_args(const at::Tensor& residual, const at::Tensor& partials, const at::Tensor& norm_weight,
                       const at::Tensor& router_weight, int64_t num_groups, int64_t top_k);

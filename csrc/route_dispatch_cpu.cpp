@@ -154,12 +154,8 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor
   TORCH_CHECK(partials.device().is_cpu(), "sum_route_dispatch_cpu got a ", partials.device(), " tensor");
   const auto res = residual.contiguous(), par = partials.contiguous(), nw = norm_weight.contiguous();
   const int64_t H = par.size(0), T = par.size(1), d = par.size(2), E = router_weight.size(0);
-  auto r = at::empty({T, d}, par.options());
-  auto xn = at::empty({T, d}, par.options());
-  auto ids = at::empty({T, top_k}, par.options().dtype(at::kLong));
-  auto weights = at::empty({T, top_k}, par.options());
-  auto pairs = at::empty({T * top_k}, par.options().dtype(at::kLong));
-  auto offsets = at::empty({E + 1}, par.options().dtype(at::kLong));
+  at::Tensor r, xn, ids, weights, pairs, offsets;
+  std::tie(r, xn, ids, weights, pairs, offsets) = empty_route_outputs(par, E, top_k);
   FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cpu", [&] {
     sum_and_norm<scalar_t>(res.const_data_ptr<scalar_t>(), res.size(0) == 1 ? 0 : T * d,
                            par.const_data_ptr<scalar_t>(), nw.const_data_ptr<scalar_t>(), float(eps), H, T, d,

@@ -106,12 +106,8 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
   const auto nw = norm_weight.contiguous(), rw = router_weight.contiguous();
   const int64_t H = par.size(0), T = par.size(1), d = par.size(2), E = rw.size(0);
   TORCH_CHECK((E + top_k) * 4 <= 48 * 1024, "the CUDA route kernel keeps E + top_k floats in shared memory: E <= 12000");
-  auto r = at::empty({T, d}, par.options());
-  auto xn = at::empty({T, d}, par.options());
-  auto ids = at::empty({T, top_k}, par.options().dtype(at::kLong));
-  auto weights = at::empty({T, top_k}, par.options());
-  auto pairs = at::empty({T * top_k}, par.options().dtype(at::kLong));
-  auto offsets = at::empty({E + 1}, par.options().dtype(at::kLong));
+  at::Tensor r, xn, ids, weights, pairs, offsets;
+  std::tie(r, xn, ids, weights, pairs, offsets) = empty_route_outputs(par, E, top_k);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (T > 0 && use_fused_kernel()) {
     FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .infra import PassResult, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
+from .infra import (PassResult, ancestors, aten, descendants, getitem_users, is_op, only_user, skip_pass_through,
+                    users, val)
 from .matches import MOE_KEY, MoEMatch
 
 GROUPED_MM: tuple = (torch.ops.aten._grouped_mm.default,) if hasattr(torch.ops.aten, "_grouped_mm") else ()
@@ -84,31 +85,11 @@ def _match_experts(topk, linear, ids, weights, renormalize) -> MoEMatch:
     )
 
 
-def _descendants(roots) -> set[fx.Node]:
-    seen, stack = set(), list(roots)
-    while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
 def _internal(roots, output: fx.Node) -> set[fx.Node]:
     """Nodes between the routing outputs and the block output, plus the dead branches hanging off
     them (in-place ops, runtime size asserts) that DCE keeps but lowering must remove."""
-    below = _descendants(roots)
-    core = below & (_ancestors(output) | {output})
+    below = descendants(roots)
+    core = below & (ancestors(output) | {output})
     hanging: set[fx.Node] = set()
     grew = True
     while grew:
@@ -197,9 +178,9 @@ def _dense_loop(c: dict) -> MoEMatch | None:
         return None
     # The experts read only `hidden`: their nodes are the output's ancestors that are not the
     # input's or the router's.
-    outside = _ancestors(hidden) | _ancestors(ids) | _ancestors(weights) | {hidden, ids, weights}
+    outside = ancestors(hidden) | ancestors(ids) | ancestors(weights) | {hidden, ids, weights}
     return MoEMatch("dense_loop", hidden=hidden, output=output, per_expert=per_expert,
-                    internal=_internal([ids, weights], output) | (_ancestors(output) - outside), **c)
+                    internal=_internal([ids, weights], output) | (ancestors(output) - outside), **c)
 
 
 def _sum_chain(terms: list[fx.Node]) -> fx.Node | None:

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ..kernels import ops  # noqa: F401  registers torch.ops.foe
-from .infra import PassResult, aten, erase_unused, is_op, skip_pass_through, val
+from .infra import PassResult, ancestors, aten, descendants, erase_unused, is_op, skip_pass_through, val
 from .matches import MOE_KEY, PARTIALS_KEY, MoEMatch
 
 CASTS = (aten.to.dtype, aten._to_copy.default)
@@ -105,17 +105,5 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch) -> int:
 
 def _between(start: fx.Node, ends: set[fx.Node]) -> set[fx.Node]:
     """Every node on a path from `start` down to one of `ends` (the router: linear, softmax, topk...)."""
-    found, stack = set(), list(ends)
-    while stack:
-        node = stack.pop()
-        if node in found or node is start:
-            continue
-        found.add(node)
-        stack.extend(node.all_input_nodes)
-    below, stack = set(), [start]
-    while stack:
-        for u in stack.pop().users:
-            if u not in below:
-                below.add(u)
-                stack.append(u)
-    return found & below
+    above = set(ends).union(*(ancestors(e) for e in ends))
+    return above & descendants([start])

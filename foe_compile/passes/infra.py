@@ -79,6 +79,28 @@ def skip_pass_through(node: fx.Node) -> fx.Node:
     return node
 
 
+def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node that (transitively) uses one of `roots`, the roots excluded."""
+    seen, stack = set(), list(roots)
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node` (transitively) reads, itself excluded."""
+    seen, stack = set(), [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
 def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
     """Erase the given nodes (in-place ops included) once nothing outside the set uses them."""
     pending = {n for n in nodes if not getattr(n, "_erased", False)}
