@@ -3,11 +3,13 @@
     compiled = torch.compile(model, backend="foe", fullgraph=True)
     compiled = torch.compile(model, backend="foe", options={"num_groups": 2, "compiler": "eager"})
 
-Options: num_groups (H for the exact-form partition; default: the largest H dividing every
-KV-head and expert count), compiler ("inductor", default, or "eager": run the rewritten ATen
-graph as is, for debugging and fast tests). FOE_DUMP_GRAPHS=<dir> writes the graph after
-every pass. The backend never changes what a model computes: it applies exact rewrites only
-(a converted model already carries its FoE form and its foe:: ops).
+Options: num_groups (H; default: the largest H dividing every KV-head and expert count, and
+top-k in the FoE form), compiler ("inductor", default, or "eager": run the rewritten ATen
+graph as is, for debugging and fast tests), mode ("exact", default, or "foe") and
+attn_stream_scale (c, FoE form only). FOE_DUMP_GRAPHS=<dir> writes the graph after every pass.
+By default the backend never changes what a model computes: it applies exact rewrites only (a
+converted model already carries its FoE form and its foe:: ops). mode="foe" asks for the
+approximate FoE form explicitly (quota routing, group streams) and logs a warning that says so.
 Per-expert loops with data-dependent shapes (v4-style index_add_) need
 torch._dynamo.config.capture_dynamic_output_shape_ops = True to be captured in one graph.
 """
@@ -22,7 +24,7 @@ from .capture import aten_graph_from_dynamo
 from .passes import run_passes
 
 log = logging.getLogger(__name__)
-_OPTIONS = ("num_groups", "compiler")
+_OPTIONS = ("num_groups", "compiler", "mode", "attn_stream_scale")
 
 
 def foe_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
@@ -33,8 +35,12 @@ def foe_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
     compiler = options.get("compiler", "inductor")
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"foe backend option compiler must be 'inductor' or 'eager', got {compiler!r}")
+    mode = options.get("mode", "exact")
     aten_gm = aten_graph_from_dynamo(gm, example_inputs)
-    results = run_passes(aten_gm, options.get("num_groups"))
+    results = run_passes(aten_gm, options.get("num_groups"), mode, options.get("attn_stream_scale"))
+    if mode == "foe":
+        log.warning("foe backend, mode='foe': the compiled model uses quota routing and per-group residual "
+                    "streams, so its outputs differ from the source model's (convert() reports by how much)")
     log.info("foe passes: %s", ", ".join(f"{r.name}={r.rewrites}" for r in results))
     aten_gm.meta["foe_pass_results"] = results
     last_results.clear()

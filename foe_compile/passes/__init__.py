@@ -6,8 +6,10 @@ Ordering constraints:
    attention partials as its `partials` input (the all-reduce point).
 3. fuse_sum_route_dispatch before lower_experts: it produces the token grouping
    (pairs/offsets) that foe::experts_swiglu consumes; without it lower_experts groups itself.
-Only exact rewrites live here: the FoE form (group streams, quota routing) changes what a
-model computes and comes only from an explicit convert(model, mode="foe").
+4. split_group_streams (FoE form only) last: it reads the experts' per-group partials.
+mode="exact" applies exact rewrites only. mode="foe" (the FoE form: quota routing in the fused
+op, one residual stream per group) changes what a model computes; it runs only when asked
+for explicitly (convert(model, mode="foe") or the backend's mode option).
 """
 from __future__ import annotations
 
@@ -19,19 +21,26 @@ from .fuse_sum_route_dispatch import fuse_sum_route_dispatch
 from .infra import PassResult, cleanup, dump
 from .lower_experts import lower_experts
 from .partition_groups import GROUPS_KEY, partition_groups
+from .split_group_streams import split_group_streams
 
 __all__ = ["PassResult", "UnrecognisedMoE", "run_passes"]
 
 
-def run_passes(gm: fx.GraphModule, num_groups: int | None = None) -> list[PassResult]:
+def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "exact",
+               attn_stream_scale: float | None = None) -> list[PassResult]:
     """Run the pipeline in place; returns each pass's result. See the module docstring."""
+    if mode not in ("exact", "foe"):
+        raise ValueError(f"mode must be 'exact' or 'foe', got {mode!r}")
+    foe = mode == "foe"
     steps = [
         find_moe_blocks,
         find_gqa_attention,
-        lambda g: partition_groups(g, num_groups),
-        fuse_sum_route_dispatch,
+        lambda g: partition_groups(g, num_groups, mode),
+        lambda g: fuse_sum_route_dispatch(g, g.meta[GROUPS_KEY] if foe else 1),
         lambda g: lower_experts(g, g.meta[GROUPS_KEY]),
     ]
+    if foe:
+        steps.append(lambda g: split_group_streams(g, attn_stream_scale))
     dump(gm, 0, "captured")
     results = []
     for i, step in enumerate(steps, start=1):

@@ -5,9 +5,12 @@ Matches, for every MoE block found by find_moe_blocks:
     x  = residual + o                   (o: attention output, or its per-group partials mean)
     xn = RMSNorm(x) * w                 (aten.rms_norm, or the Hugging Face fp32 decomposition)
     ids, weights = topk(softmax(linear(xn, W_router)), k) [renormalised]
-and rewrites it to one op with global top-k (num_groups=1: the exact form, never quota routing).
-Bails out (no rewrite) when the block's input is not such a norm of such a sum. Preserves
-values up to summation order; the fused node is recorded for lower_experts (pairs, offsets).
+and rewrites it to one op. With quota_groups=1 (the exact form) routing is the source's global
+top-k and values are preserved up to summation order; with quota_groups=H (the FoE form only)
+each of H blocks of E/H experts picks its k/H. Bails out (no rewrite) when the block's input is
+not such a norm of such a sum, except in the FoE form, where quota routing is part of what
+was asked for and a block it cannot fuse is an error. The fused node is recorded for
+lower_experts (pairs, offsets).
 """
 from __future__ import annotations
 
@@ -23,8 +26,18 @@ from .matches import MOE_KEY, PARTIALS_KEY, MoEMatch
 CASTS = (aten.to.dtype, aten._to_copy.default)
 
 
-def fuse_sum_route_dispatch(gm: fx.GraphModule) -> PassResult:
-    fused = sum(_fuse(gm, m) for m in gm.meta.get(MOE_KEY, []))
+def fuse_sum_route_dispatch(gm: fx.GraphModule, quota_groups: int = 1) -> PassResult:
+    fused = 0
+    for m in gm.meta.get(MOE_KEY, []):
+        if quota_groups > 1 and m.top_k % quota_groups:
+            raise ValueError(f"quota routing needs top_k={m.top_k} divisible by num_groups={quota_groups}")
+        if _fuse(gm, m, quota_groups):
+            fused += 1
+        elif quota_groups > 1:
+            raise ValueError(
+                f"the FoE form needs quota routing, but the MoE block whose router is {m.router_input.name!r} "
+                "does not read RMSNorm(residual + attention output), so it cannot be fused into "
+                "foe::sum_route_dispatch; convert it with mode='exact'")
     return PassResult("fuse_sum_route_dispatch", fused)
 
 
@@ -56,14 +69,14 @@ def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float, set[fx.Node]]
     return x, weight, float(add.args[1]), {out, scaled, inner, rs, add, mean, power, x32}
 
 
-def _fuse(gm: fx.GraphModule, m: MoEMatch) -> int:
+def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
     norm_out = skip_pass_through(m.router_input)
     norm = match_rms_norm(norm_out)
     if norm is None or skip_pass_through(m.hidden) is not norm_out:
-        return 0
+        return False
     x, weight, eps, norm_nodes = norm
     if not is_op(x, aten.add.Tensor) or not all(isinstance(a, fx.Node) for a in x.args):
-        return 0
+        return False
     partials_of = gm.meta.get(PARTIALS_KEY, {})
     residual, o = (x.args[1], x.args[0]) if x.args[0] in partials_of else x.args
     g, d = gm.graph, val(x).shape[-1]
@@ -75,7 +88,7 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch) -> int:
         else:
             parts = g.call_function(aten.reshape.default, (o, [1, -1, d]))
         fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,
-                                (res, parts, weight, eps, m.router_weight, 1, m.top_k, m.renormalize))
+                                (res, parts, weight, eps, m.router_weight, quota_groups, m.top_k, m.renormalize))
         r, xn, ids, weights = (g.call_function(operator.getitem, (fused, i)) for i in range(4))
         r = g.call_function(aten.reshape.default, (r, list(val(x).shape)))
         xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (xn, list(val(norm_out).shape))),
@@ -100,7 +113,7 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch) -> int:
     m.ids, m.weights, m.route = ids, weights, fused
     if m.hidden is norm_out:  # erased above; the experts now read the fused op's xn
         m.hidden = xn
-    return 1
+    return True
 
 
 def _between(start: fx.Node, ends: set[fx.Node]) -> set[fx.Node]:

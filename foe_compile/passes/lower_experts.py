@@ -52,5 +52,7 @@ def _lower(gm: fx.GraphModule, m: MoEMatch, num_groups: int) -> None:
         y = g.call_function(aten.sum.dim_IntList, (partial, [0]))
         y = g.call_function(aten.reshape.default, (y, list(out_val.shape)))
         y = g.call_function(aten.to.dtype, (y, out_val.dtype))
+    y.meta["val"] = out_val
     m.output.replace_all_uses_with(y)
     erase_unused(gm, m.internal | {m.output})
+    m.output, m.group_partials = y, partial

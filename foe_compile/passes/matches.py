@@ -29,6 +29,8 @@ class MoEMatch:
     per_expert: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (gate, up, down) weights
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
     route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
+    group_partials: fx.Node | None = None  # foe::experts_swiglu's [H, T, d] output, once lowered
+    feeds_group_streams: bool = False  # FoE form: the next attention reads r + c*m_h per group
 
 
 @dataclass
@@ -43,3 +45,5 @@ class AttentionMatch:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # Set by partition_groups: group h's slice of the o_proj input (its heads), one per group.
+    group_heads: list[fx.Node] = field(default_factory=list)

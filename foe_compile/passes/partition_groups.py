@@ -6,7 +6,8 @@ fuse_sum_route_dispatch can feed them to foe::sum_route_dispatch. Group h owns K
 [h*kv/H, (h+1)*kv/H) and the query heads that read them (contiguous, as in tensor
 parallelism). Exact up to summation order (H * x / H is exact for power-of-two H).
 Expects find_gqa_attention's records; H is the largest value dividing every attention's
-KV-head count and every MoE block's expert count unless given.
+KV-head count and every MoE block's expert count (and top-k, for the FoE form) unless given.
+Records each attention's per-group head slices for split_group_streams.
 """
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ from .matches import ATTENTION_KEY, MOE_KEY, PARTIALS_KEY
 GROUPS_KEY = "foe_num_groups"
 
 
-def partition_groups(gm: fx.GraphModule, num_groups: int | None = None) -> PassResult:
+def partition_groups(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "exact") -> PassResult:
     attentions, blocks = gm.meta.get(ATTENTION_KEY, []), gm.meta.get(MOE_KEY, [])
     counts = [a.num_kv_heads for a in attentions] + [b.num_experts for b in blocks]
+    if mode == "foe":  # quota routing: k/H picks per group
+        counts += [b.top_k for b in blocks]
     H = num_groups if num_groups is not None else (math.gcd(*counts) if blocks and attentions else 1)
     if any(c % H for c in counts):
-        raise ValueError(f"num_groups={H} does not divide the KV-head and expert counts {sorted(set(counts))}; "
+        what = "KV-head, expert and top-k counts" if mode == "foe" else "KV-head and expert counts"
+        raise ValueError(f"num_groups={H} does not divide the {what} {sorted(set(counts))}; "
                          f"valid: {[h for h in range(1, math.gcd(*counts) + 1) if math.gcd(*counts) % h == 0]}")
     gm.meta[GROUPS_KEY] = H
     gm.meta[PARTIALS_KEY] = {}
@@ -43,15 +47,17 @@ def _split_o_proj(gm: fx.GraphModule, attn, H: int) -> None:
     bias = o.args[2] if len(o.args) > 2 else None
     width = attn.num_heads // H * attn.head_dim
     with g.inserting_before(o.next):  # keeps insertion order (inserting_after would reverse it)
-        parts = []
+        parts, heads = [], []
         for h in range(H):
             a_h = g.call_function(aten.slice.Tensor, (a, -1, h * width, (h + 1) * width))
+            heads.append(a_h)
             w_h = g.call_function(aten.slice.Tensor, (weight, 1, h * width, (h + 1) * width))
             p = g.call_function(aten.mul.Tensor, (g.call_function(aten.linear.default, (a_h, w_h)), H))
             # The bias is replicated: every group adds it, the mean keeps it once.
             parts.append(g.call_function(aten.add.Tensor, (p, bias)) if bias is not None else p)
         stacked = g.call_function(aten.stack.default, (parts, 0))
         mean = g.call_function(aten.mean.dim, (stacked, [0]))
+    attn.group_heads = heads
     stacked.meta["val"] = val(o).new_empty(H, *val(o).shape)
     mean.meta["val"] = val(o)
     o.replace_all_uses_with(mean)

@@ -107,7 +107,5 @@ def test_generic_model_through_convert():
     assert report.exact and report.num_groups == 2 and len(report.layers) == 2
     assert report.logits_max_rel_error <= EXACT_MAX_REL
     assert max_rel(gm(ids), model(ids)) <= EXACT_MAX_REL
-    with pytest.raises(ValueError, match="exact form only"):
-        convert(model, calibration_inputs=ids)
     with pytest.raises(ValueError, match="needs calibration_inputs"):
         convert(model, mode="exact")

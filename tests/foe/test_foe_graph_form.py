@@ -1,0 +1,148 @@
+"""The FoE form built by the FX passes (quota routing + one residual stream per group): against a
+from-scratch reference of DESIGN.md's equations for a user-written model, and against the
+module-level conversion for the Hugging Face families whose layers the two build alike."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from foe_testing import EXACT_MAX_REL, max_rel, tokens
+from transformers import Qwen3MoeForCausalLM
+from user_models import DenseLoopMoE, IndexAddLoopMoE, UserMoETransformer
+
+import foe_compile
+from foe_compile import builtin_config, builtin_model, convert
+from foe_compile.capture import export_aten
+from foe_compile.kernels.reference import route as quota_top_k
+from foe_compile.passes import run_passes
+
+
+def count(gm, name: str) -> int:
+    return sum(name in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def all_moe_qwen3() -> Qwen3MoeForCausalLM:
+    """qwen3-moe-tiny with every layer sparse (the built-in one has a dense middle layer)."""
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(builtin_config("qwen3-moe-tiny", mlp_only_layers=[])).eval()
+
+
+def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float, renormalize: bool) -> torch.Tensor:
+    """DESIGN.md's per-layer equations written out for UserMoETransformer, state (r, m_1..m_H)."""
+    r = model.embed(ids)
+    m = torch.zeros(H, *r.shape)
+    for block in model.blocks:
+        B, T, d = r.shape
+        heads, hd = block.heads, block.head_dim
+        rep, per_group = heads // block.kv_heads, heads // H
+        partials = []
+        for h in range(H):  # group h: its own stream in, its own heads out
+            x = block.norm1(r + c * m[h])
+            q = block.q(x).view(B, T, heads, hd).transpose(1, 2)
+            k = block.k(x).view(B, T, block.kv_heads, hd).transpose(1, 2).repeat_interleave(rep, 1)
+            v = block.v(x).view(B, T, block.kv_heads, hd).transpose(1, 2).repeat_interleave(rep, 1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, h * per_group:(h + 1) * per_group]
+            cols = slice(h * per_group * hd, (h + 1) * per_group * hd)
+            partials.append(H * F.linear(a.transpose(1, 2).reshape(B, T, -1), block.o.weight[:, cols]))
+        r = torch.stack([r + H * m[h] + partials[h] for h in range(H)]).mean(0)  # the one all-reduce
+        xn = block.norm2(r).reshape(B * T, d)
+        probs = block.moe.router(xn).softmax(-1)
+        weights, picked = quota_top_k(probs, H, block.moe.top_k)
+        if renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        block_size = len(block.moe.experts) // H
+        m = torch.zeros(H, B * T, d)
+        for t in range(B * T):
+            for j, e in enumerate(picked[t].tolist()):
+                m[e // block_size, t] += weights[t, j] * block.moe.experts[e](xn[t])
+        m = m.view(H, B, T, d)
+    return model.head(model.norm(r + m.sum(0)))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls, renormalize", [(DenseLoopMoE, True), (IndexAddLoopMoE, False)])
+@pytest.mark.parametrize("c", [None, 1.0])
+def test_user_model_foe_form_equals_the_equations(moe_cls, renormalize, c):
+    torch.manual_seed(0)
+    model = UserMoETransformer(moe_cls, layers=3, heads=4, kv_heads=2, experts=6, top_k=4).eval()
+    ids = tokens(2, 7, vocab=96)
+    gm, report = convert(model, mode="foe", attn_stream_scale=c, calibration_inputs=ids)
+    expected = foe_reference(model, ids, H=2, c=2.0 if c is None else c, renormalize=renormalize)
+    assert max_rel(gm(ids), expected) <= EXACT_MAX_REL
+    assert report.mode == "foe" and report.num_groups == 2 and not report.exact
+    assert [len(layer.reasons) for layer in report.layers] == [1, 2, 2]  # quota routing; + group streams
+    assert "quota routing: top-2 in each of 2 blocks of 3 experts" in report.layers[0].reasons[0]
+    assert report.logits_rel_error > 1e-3  # approximate, and measured
+    passes = {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}
+    assert passes["split_group_streams"] == 2 and passes["fuse_sum_route_dispatch"] == 3
+    assert count(gm, "aten.scaled_dot_product_attention") == 1 + 2 * 2  # layer 0 shared, then one per group
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_fn", [lambda: builtin_model("mixtral-tiny"), all_moe_qwen3], ids=["mixtral", "qwen3"])
+@pytest.mark.parametrize("c", [None, 1.0])
+def test_graph_form_equals_module_conversion(model_fn, c):
+    model = model_fn()
+    ids = tokens(2, 9)
+    gm = export_aten(model, (ids,), {"use_cache": False}).module()
+    results = {r.name: r.rewrites for r in run_passes(gm, mode="foe", attn_stream_scale=c)}
+    converted, report = convert(copy.deepcopy(model), mode="foe", attn_stream_scale=c)
+    expected = converted(ids, use_cache=False).logits
+    assert max_rel(gm(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
+    assert max_rel(expected, model(ids, use_cache=False).logits) > 1e-3  # the FoE form is not the source
+    assert results["split_group_streams"] == model.config.num_hidden_layers - 1
+    assert count(gm, "foe.sum_route_dispatch") == model.config.num_hidden_layers
+    (route,) = {n.args[5] for n in gm.graph.nodes if "sum_route_dispatch" in str(n.target)}
+    assert route == report.num_groups  # quota routing in every fused op
+
+
+@torch.no_grad()
+def test_single_group_foe_form_is_the_source():
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE)
+    ids = tokens(2, 7, vocab=96)
+    gm, report = convert(model, mode="foe", num_groups=1, calibration_inputs=ids)
+    assert report.exact and max_rel(gm(ids), model(ids)) <= EXACT_MAX_REL
+    assert {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}["split_group_streams"] == 0
+
+
+@torch.no_grad()
+def test_exact_mode_never_splits_streams():
+    model = all_moe_qwen3()
+    gm = export_aten(model, (tokens(1, 5),), {"use_cache": False}).module()
+    names = [r.name for r in run_passes(gm, mode="exact")]
+    assert "split_group_streams" not in names
+    assert count(gm, "aten.scaled_dot_product_attention") == model.config.num_hidden_layers
+    (route,) = {n.args[5] for n in gm.graph.nodes if "sum_route_dispatch" in str(n.target)}
+    assert route == 1  # global top-k
+
+
+def test_foe_form_errors():
+    torch.manual_seed(0)
+    ids = tokens(1, 5, vocab=96)
+    model = UserMoETransformer(DenseLoopMoE, experts=6, top_k=3)
+    with pytest.raises(ValueError, match=r"num_groups=2 does not divide the KV-head, expert and top-k counts"):
+        convert(model, mode="foe", num_groups=2, calibration_inputs=ids)
+    with pytest.raises(ValueError, match=r"attn_stream_scale must lie in \[1, H=2\], got 3"):
+        convert(UserMoETransformer(DenseLoopMoE), mode="foe", attn_stream_scale=3.0, calibration_inputs=ids)
+    with pytest.raises(ValueError, match="supports expert_assignment='contiguous' only"):
+        convert(UserMoETransformer(DenseLoopMoE), expert_assignment="calibrated", calibration_inputs=ids)
+
+
+def test_foe_form_needs_a_fusable_router_input():
+    """A block whose router reads the raw stream (no norm of residual + attention) cannot route by quota."""
+    model = torch.nn.Sequential(torch.nn.Identity(), DenseLoopMoE(32, 16, 4, 2))
+    with pytest.raises(ValueError, match="the FoE form needs quota routing.*convert it with mode='exact'"):
+        convert(model, mode="foe", num_groups=2, calibration_inputs=torch.randn(1, 5, 32))
+
+
+@torch.no_grad()
+def test_backend_mode_option():
+    torch._dynamo.reset()
+    model = builtin_model("mixtral-tiny")
+    ids = tokens(2, 6)
+    expected = convert(copy.deepcopy(model), mode="foe")[0](ids, use_cache=False).logits
+    compiled = torch.compile(model, backend="foe", fullgraph=True, options={"mode": "foe", "compiler": "eager"})
+    assert max_rel(compiled(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
+    assert {r.name: r.rewrites for r in foe_compile.backend.last_results}["split_group_streams"] == 2
+    torch._dynamo.reset()
