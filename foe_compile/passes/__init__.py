@@ -6,7 +6,9 @@ Ordering constraints:
    attention partials as its `partials` input (the all-reduce point).
 3. fuse_sum_route_dispatch before lower_experts: it produces the token grouping
    (pairs/offsets) that foe::experts_swiglu consumes; without it lower_experts groups itself.
-4. split_group_streams (FoE form only) last: it reads the experts' per-group partials.
+4. FoE form only, after lower_experts: split_dense_mlps (dense MLPs and shared experts ->
+   per-group shares; after lowering, so the experts' SwiGLUs are gone), then
+   split_group_streams, which reads every per-group partial.
 mode="exact" applies exact rewrites only. mode="foe" (the FoE form: quota routing in the fused
 op, one residual stream per group) changes what a model computes; it runs only when asked
 for explicitly (convert(model, mode="foe") or the backend's mode option).
@@ -21,6 +23,7 @@ from .fuse_sum_route_dispatch import fuse_sum_route_dispatch
 from .infra import PassResult, cleanup, dump
 from .lower_experts import lower_experts
 from .partition_groups import GROUPS_KEY, partition_groups
+from .split_dense_mlps import split_dense_mlps
 from .split_group_streams import split_group_streams
 
 __all__ = ["PassResult", "UnrecognisedMoE", "run_passes"]
@@ -40,7 +43,7 @@ def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "e
         lambda g: lower_experts(g, g.meta[GROUPS_KEY]),
     ]
     if foe:
-        steps.append(lambda g: split_group_streams(g, attn_stream_scale))
+        steps += [split_dense_mlps, lambda g: split_group_streams(g, attn_stream_scale)]
     dump(gm, 0, "captured")
     results = []
     for i, step in enumerate(steps, start=1):

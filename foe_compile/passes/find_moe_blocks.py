@@ -137,7 +137,7 @@ def _nearest(start: fx.Node | None, predicate, limit: int) -> list[fx.Node]:
     return []
 
 
-def _swiglu(down_linear: fx.Node):
+def match_swiglu(down_linear: fx.Node):
     """linear(silu(linear(x, Wg)) * linear(x, Wu), Wd) -> (x, Wg, Wu, Wd) or None."""
     if not is_op(down_linear, aten.linear.default):
         return None
@@ -167,7 +167,7 @@ def _dense_loop(c: dict) -> MoEMatch | None:
         if not is_op(scale, aten.mul.Tensor):
             return None
         y = scale.args[1] if scale.args[0] is gate else scale.args[0]
-        swiglu = _swiglu(y)
+        swiglu = match_swiglu(y)
         if swiglu is None or (hidden is not None and swiglu[0] is not hidden):
             return None
         hidden = swiglu[0]
@@ -210,7 +210,7 @@ def _index_add_loop(c: dict) -> MoEMatch | None:
     per_expert, hidden = [], None
     for add in adds:
         scaled = skip_pass_through(add.args[3])  # expert(x[token]) * weights[token, slot]
-        swiglu = next((s for s in map(_swiglu, scaled.args) if s), None) if is_op(scaled, aten.mul.Tensor) else None
+        swiglu = next((s for s in map(match_swiglu, scaled.args) if s), None) if is_op(scaled, aten.mul.Tensor) else None
         if swiglu is None or not is_op(swiglu[0], aten.index.Tensor):
             return None
         source = swiglu[0].args[0]  # the rows are gathered from the block's input

@@ -8,6 +8,7 @@ from torch import fx
 MOE_KEY = "foe_moe_blocks"
 ATTENTION_KEY = "foe_attention"
 PARTIALS_KEY = "foe_partials"  # attention output node -> its per-group partials [H, ..., d]
+DENSE_KEY = "foe_dense_splits"
 
 
 @dataclass
@@ -47,3 +48,11 @@ class AttentionMatch:
     head_dim: int
     # Set by partition_groups: group h's slice of the o_proj input (its heads), one per group.
     group_heads: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class DenseSplit:
+    """A dense SwiGLU MLP (a dense layer's, or a shared expert) split tensor-parallel into H shares."""
+
+    output: fx.Node  # sum over the shares [..., d], in place of the MLP's output
+    group_partials: fx.Node  # the shares [H, ..., d]

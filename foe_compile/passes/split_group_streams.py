@@ -5,62 +5,101 @@ y = sum_h m_h), the source's next attention reads Norm1(r + y). In the FoE form 
 attention reads its own stream, Norm1(r + c*m_h) (DESIGN.md; c = H unless `attn_stream_scale`).
 This pass clones, per group, every node on a path from y to that attention's o_proj input,
 with y replaced by c*m_h, and points group h's head slice (from partition_groups) at its
-clone. The residual side needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h,
-which is what the fused op already computes from the shared residual and the partials.
+clone. Split dense MLPs and shared experts (split_dense_mlps) contribute their shares the
+same way, so a shared expert's share joins m_h, as in the module-level conversion. The
+residual side needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h, which is what
+the fused op already computes from the shared residual and the partials.
 
-Each clone projects all heads and keeps group h's (the redundant full-width form, which also
-covers q/k norms that span every head: they normalise group h's full-width projection of its
-own stream, where the module-level OLMoE conversion reduces the sum of squares across groups).
+Each clone projects all heads and keeps group h's (redundant full-width projections). An
+RMSNorm over a whole q or k projection (OLMoE's q/k norm) reads, in every clone, each group's
+own heads from that group's clone: the cross-group sum of squares of the distributed form.
 The Hugging Face families convert at module level, where each group projects only its own
-heads; for them the two forms agree up to summation order (tested). Whatever sits between y and the attention stays
-shared: a shared expert added to y is added to every group's stream unchanged, and an
-attention after a dense (non-MoE) layer reads the shared stream.
+heads; for all four the two forms agree up to summation order (tested).
+Whatever else sits between y and the attention (an MLP left whole, a residual scaling) stays
+in the shared stream.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from .infra import PassResult, ancestors, aten, descendants, erase_unused, val
-from .matches import ATTENTION_KEY, MOE_KEY, AttentionMatch, MoEMatch
+from .fuse_sum_route_dispatch import match_rms_norm
+from .infra import PassResult, ancestors, aten, descendants, erase_unused, skip_pass_through, val
+from .matches import ATTENTION_KEY, DENSE_KEY, MOE_KEY, AttentionMatch, MoEMatch
 from .partition_groups import GROUPS_KEY
 
 
 def split_group_streams(gm: fx.GraphModule, attn_stream_scale: float | None = None) -> PassResult:
     H = gm.meta[GROUPS_KEY]
-    blocks = [m for m in gm.meta.get(MOE_KEY, []) if m.group_partials is not None]
+    # What adds group-local terms to the stream: experts (m_h) and split dense MLPs (share h).
+    contributors = [m for m in gm.meta.get(MOE_KEY, []) if m.group_partials is not None]
+    contributors += gm.meta.get(DENSE_KEY, [])
     attentions = [a for a in gm.meta.get(ATTENTION_KEY, []) if a.group_heads]
-    if H == 1 or not blocks or not attentions:
+    if H == 1 or not contributors or not attentions:
         return PassResult("split_group_streams", 0)
     c = H if attn_stream_scale is None else attn_stream_scale
     if not 1 <= c <= H:
         raise ValueError(f"attn_stream_scale must lie in [1, H={H}], got {c}")
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    rewrites = 0
-    for block in blocks:
-        below = descendants([block.output])
+    feeding: dict[int, tuple[AttentionMatch, list]] = {}  # the next attention after each contributor
+    for contributor in contributors:
+        below = descendants([contributor.output])
         following = [a for a in attentions if a.sdpa in below]
         if following:  # none after the last layer: the final mean over groups is the shared stream
-            _split(gm, block, min(following, key=lambda a: position[a.sdpa]), H, c, position)
-            block.feeds_group_streams = True
-            rewrites += 1
-    return PassResult("split_group_streams", rewrites)
+            attn = min(following, key=lambda a: position[a.sdpa])
+            feeding.setdefault(id(attn), (attn, []))[1].append(contributor)
+            if isinstance(contributor, MoEMatch):
+                contributor.feeds_group_streams = True
+    for attn, sources in feeding.values():
+        _split(gm, sources, attn, H, c, position)
+    return PassResult("split_group_streams", len(feeding))
 
 
-def _split(gm: fx.GraphModule, block: MoEMatch, attn: AttentionMatch, H: int, c: float,
+def _split(gm: fx.GraphModule, sources: list, attn: AttentionMatch, H: int, c: float,
            position: dict[fx.Node, int]) -> None:
-    g, y = gm.graph, block.output
+    """Clone the path from the sources' outputs to attn's heads once per group (in lockstep),
+    each output y replaced by c * (its group-h partial)."""
+    g = gm.graph
     heads_input = attn.group_heads[0].args[0]  # every group's slice reads the same o_proj input
-    region = sorted((descendants([y]) & ancestors(heads_input)) | {heads_input}, key=position.__getitem__)
-    y_val = val(y)
+    outputs = [s.output for s in sources]
+    region = sorted((descendants(outputs) & ancestors(heads_input)) | {heads_input}, key=position.__getitem__)
+    norm_inputs = _full_width_norm_inputs(region, attn)
     with g.inserting_before(heads_input.next):
+        clones = [{s.output: _scaled_partial(g, s, h, c) for s in sources} for h in range(H)]
+        gathered: dict[fx.Node, fx.Node] = {}
+        for node in region:
+            x = norm_inputs.get(node)
+            if x is not None and x not in gathered:
+                gathered[x] = _gather_own_heads(g, [clones[h][x] for h in range(H)])
+            for h in range(H):
+                clones[h][node] = g.node_copy(node, lambda n: gathered[n] if n is x else clones[h].get(n, n))
         for h, head_slice in enumerate(attn.group_heads):
-            m_h = g.call_function(aten.select.int, (block.group_partials, 0, h))
-            scaled = g.call_function(aten.mul.Tensor, (m_h, c))
-            y_h = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (scaled, list(y_val.shape))),
-                                                  y_val.dtype))
-            y_h.meta["val"] = y_val
-            clones = {y: y_h}
-            for node in region:
-                clones[node] = g.node_copy(node, lambda n: clones.get(n, n))
-            head_slice.replace_input_with(heads_input, clones[heads_input])
+            head_slice.replace_input_with(heads_input, clones[h][heads_input])
     erase_unused(gm, region)  # explicitly: DCE keeps SDPA (dropout makes it "nondeterministic")
+
+
+def _full_width_norm_inputs(region: list[fx.Node], attn: AttentionMatch) -> dict[fx.Node, fx.Node]:
+    """Nodes of RMSNorms over a whole q or k projection (OLMoE) -> the projection they read."""
+    found = {}
+    for node in region:
+        norm = match_rms_norm(node)
+        proj = skip_pass_through(norm[0]) if norm is not None else None
+        if proj in (attn.q_proj, attn.k_proj) and val(norm[0]).shape[-1] == val(proj).shape[-1]:  # not per head
+            found.update(dict.fromkeys(norm[3], norm[0]))
+    return found
+
+
+def _gather_own_heads(g: fx.Graph, per_group: list[fx.Node]) -> fx.Node:
+    """[..., heads*hd] from group h's own heads of per_group[h]: what a cross-group sum of squares sees."""
+    H, width = len(per_group), val(per_group[0]).shape[-1] // len(per_group)
+    parts = [g.call_function(aten.slice.Tensor, (p, -1, h * width, (h + 1) * width)) for h, p in enumerate(per_group)]
+    out = g.call_function(aten.cat.default, (parts, -1))
+    out.meta["val"] = val(per_group[0])
+    return out
+
+
+def _scaled_partial(g: fx.Graph, source, h: int, c: float) -> fx.Node:
+    y = val(source.output)
+    m_h = g.call_function(aten.mul.Tensor, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
+    out = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (m_h, list(y.shape))), y.dtype))
+    out.meta["val"] = y
+    return out

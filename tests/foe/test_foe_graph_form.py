@@ -7,24 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from foe_testing import EXACT_MAX_REL, max_rel, tokens
-from transformers import Qwen3MoeForCausalLM
-from user_models import DenseLoopMoE, IndexAddLoopMoE, UserMoETransformer
+from user_models import DenseLoopMoE, IndexAddLoopMoE, SwiGLU, UserMoETransformer
 
 import foe_compile
-from foe_compile import builtin_config, builtin_model, convert
+from foe_compile import builtin_model, convert
+from foe_compile.builtin import TINY
 from foe_compile.capture import export_aten
 from foe_compile.kernels.reference import route as quota_top_k
 from foe_compile.passes import run_passes
+from foe_compile.passes.infra import cleanup
+from foe_compile.passes.matches import DENSE_KEY
+from foe_compile.passes.partition_groups import GROUPS_KEY
+from foe_compile.passes.split_dense_mlps import split_dense_mlps
 
 
 def count(gm, name: str) -> int:
     return sum(name in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-
-
-def all_moe_qwen3() -> Qwen3MoeForCausalLM:
-    """qwen3-moe-tiny with every layer sparse (the built-in one has a dense middle layer)."""
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(builtin_config("qwen3-moe-tiny", mlp_only_layers=[])).eval()
 
 
 def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float, renormalize: bool) -> torch.Tensor:
@@ -79,10 +77,11 @@ def test_user_model_foe_form_equals_the_equations(moe_cls, renormalize, c):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_fn", [lambda: builtin_model("mixtral-tiny"), all_moe_qwen3], ids=["mixtral", "qwen3"])
+@pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("c", [None, 1.0])
-def test_graph_form_equals_module_conversion(model_fn, c):
-    model = model_fn()
+def test_graph_form_equals_module_conversion(name, c):
+    """Covers a dense layer (qwen3: layer 1), shared experts (qwen2) and q/k norms over all heads (olmoe)."""
+    model = builtin_model(name)
     ids = tokens(2, 9)
     gm = export_aten(model, (ids,), {"use_cache": False}).module()
     results = {r.name: r.rewrites for r in run_passes(gm, mode="foe", attn_stream_scale=c)}
@@ -90,8 +89,10 @@ def test_graph_form_equals_module_conversion(model_fn, c):
     expected = converted(ids, use_cache=False).logits
     assert max_rel(gm(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
     assert max_rel(expected, model(ids, use_cache=False).logits) > 1e-3  # the FoE form is not the source
+    moe_layers = sum(hasattr(layer.mlp, "experts") for layer in model.model.layers)
     assert results["split_group_streams"] == model.config.num_hidden_layers - 1
-    assert count(gm, "foe.sum_route_dispatch") == model.config.num_hidden_layers
+    assert results["split_dense_mlps"] == (model.config.num_hidden_layers - moe_layers) + (name == "qwen2-moe-tiny") * 3
+    assert count(gm, "foe.sum_route_dispatch") == moe_layers
     (route,) = {n.args[5] for n in gm.graph.nodes if "sum_route_dispatch" in str(n.target)}
     assert route == report.num_groups  # quota routing in every fused op
 
@@ -108,10 +109,10 @@ def test_single_group_foe_form_is_the_source():
 
 @torch.no_grad()
 def test_exact_mode_never_splits_streams():
-    model = all_moe_qwen3()
+    model = builtin_model("qwen3-moe-tiny")
     gm = export_aten(model, (tokens(1, 5),), {"use_cache": False}).module()
     names = [r.name for r in run_passes(gm, mode="exact")]
-    assert "split_group_streams" not in names
+    assert "split_group_streams" not in names and "split_dense_mlps" not in names
     assert count(gm, "aten.scaled_dot_product_attention") == model.config.num_hidden_layers
     (route,) = {n.args[5] for n in gm.graph.nodes if "sum_route_dispatch" in str(n.target)}
     assert route == 1  # global top-k
@@ -146,3 +147,27 @@ def test_backend_mode_option():
     assert max_rel(compiled(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
     assert {r.name: r.rewrites for r in foe_compile.backend.last_results}["split_group_streams"] == 2
     torch._dynamo.reset()
+
+
+class BiasedSwiGLU(SwiGLU):
+    def __init__(self, d: int, inner: int) -> None:
+        super().__init__(d, inner)
+        self.w2 = torch.nn.Linear(inner, d, bias=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mlp, groups, splits", [
+    (SwiGLU(32, 24), 4, 1),
+    (SwiGLU(32, 24), 1, 0),  # one group: nothing to split
+    (SwiGLU(32, 18), 4, 0),  # 18 units do not split in 4
+    (BiasedSwiGLU(32, 24), 4, 0),  # a bias would be added H times
+])
+def test_split_dense_mlps(mlp, groups, splits):
+    x = torch.randn(2, 5, 32)
+    gm = torch.export.export(mlp, (x,), strict=False).module()
+    gm.meta[GROUPS_KEY] = groups
+    result = split_dense_mlps(gm)
+    cleanup(gm)
+    assert result.rewrites == splits and len(gm.meta[DENSE_KEY]) == splits
+    assert count(gm, "aten.linear") == (3 * groups if splits else 3) and count(gm, "aten.stack") == splits
+    torch.testing.assert_close(gm(x), mlp(x), rtol=1e-6, atol=1e-6)
