@@ -38,10 +38,7 @@ def co_selection_counts(model: nn.Module, layers: list[int], inputs: Iterable[Te
         counts[i] = np.zeros((E, E), dtype=np.int64)
 
         def hook(_module, _args, output, i=i):
-            ids = output[2].reshape(-1, output[2].shape[-1])  # [T, k] source expert ids
-            onehot = torch.zeros(ids.shape[0], counts[i].shape[0], dtype=torch.float64)
-            onehot.scatter_(1, ids.cpu(), 1.0)
-            counts[i] += (onehot.T @ onehot).round().long().numpy()
+            counts[i] += co_selection(output[2], E)  # output[2]: [..., k] source expert ids
 
         hooks.append(router.register_forward_hook(hook))
     try:
@@ -51,6 +48,14 @@ def co_selection_counts(model: nn.Module, layers: list[int], inputs: Iterable[Te
         for h in hooks:
             h.remove()
     return counts
+
+
+def co_selection(ids: Tensor, num_experts: int) -> np.ndarray:
+    """C[e, f] = number of tokens whose picks `ids` [..., k] hold both e and f (C[e, e] = load of e)."""
+    ids = ids.reshape(-1, ids.shape[-1])
+    onehot = torch.zeros(ids.shape[0], num_experts, dtype=torch.float64)
+    onehot.scatter_(1, ids.cpu(), 1.0)
+    return (onehot.T @ onehot).round().long().numpy()
 
 
 def calibrated(counts: np.ndarray, num_groups: int, sweeps: int = 4) -> list[int]:

@@ -11,25 +11,26 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.fx._pytree as fx_pytree
 from torch import Tensor, fx, nn
 
+from . import assignment
 from .calibration import max_rel_error, rel_error
 from .capture import export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
 from .passes import run_passes
+from .passes.find_gqa_attention import find_gqa_attention
+from .passes.find_moe_blocks import find_moe_blocks
 from .passes.matches import MOE_KEY
-from .passes.partition_groups import GROUPS_KEY
+from .passes.partition_groups import GROUPS_KEY, group_count
 from .report import CommunicationReport, ConversionReport, LayerReport
 
 
 @torch.no_grad()
 def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) -> tuple[fx.GraphModule, ConversionReport]:
     name = type(model).__name__
-    if config.expert_assignment != "contiguous":
-        raise ValueError(f"{name} converts through the FX path, which supports expert_assignment='contiguous' only "
-                         f"(got {config.expert_assignment!r}); the Hugging Face families support every assignment")
     if not example:
         raise ValueError(f"converting {name} through the FX path needs calibration_inputs (example inputs to capture)")
     start = time.perf_counter()
@@ -37,7 +38,8 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
     # Hugging Face models capture without their KV cache.
     kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     gm = export_aten(model, args, kwargs).module()
-    results = run_passes(gm, config.num_groups, config.mode, config.attn_stream_scale)
+    perms = _expert_permutations(gm, config, args, kwargs)
+    results = run_passes(gm, config.num_groups, config.mode, config.attn_stream_scale, perms)
     blocks = gm.meta.get(MOE_KEY, [])
     if not blocks:
         raise ValueError(f"no MoE block found in {name}: the FX path needs a router (linear -> softmax -> topk) "
@@ -49,16 +51,27 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
                           notes=[f"{b.kind} experts lowered to foe::experts_swiglu"])
               for i, (b, reasons) in enumerate(zip(blocks, _approximations(blocks, H, config)))]
     report = ConversionReport(
-        model_type=name, mode=config.mode, num_groups=H, num_experts=E, top_k=k, expert_assignment="contiguous",
+        model_type=name, mode=config.mode, num_groups=H, num_experts=E, top_k=k,
+        expert_assignment=config.expert_assignment if isinstance(config.expert_assignment, str) else "explicit",
         attn_stream_scale=config.attn_stream_scale, conversion_seconds=seconds, layers=layers,
         communication=CommunicationReport(config.report_gpus, d, len(blocks), ep_volume(k, config.report_gpus),
                                           foe_volume(k, H, config.report_gpus), exact_volume(k, H, config.report_gpus)),
     )
     gm.meta["foe_pass_results"] = results
-    reference, converted = model(*args, **kwargs), gm(*args, **kwargs)
+    gm.meta["foe_expert_assignments"] = perms or [list(range(b.num_experts)) for b in blocks]
+    reference, converted = _main_output(model(*args, **kwargs)), _main_output(gm(*args, **kwargs))
     report.logits_rel_error = rel_error([converted], [reference])
     report.logits_max_rel_error = max_rel_error([converted], [reference])
     return gm, report
+
+
+def _main_output(out) -> Tensor:
+    """The tensor to compare: logits of a Hugging Face output, else the first tensor returned."""
+    if isinstance(out, Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor))
 
 
 def _approximations(blocks: list, H: int, config: FoEConfig) -> list[list[str]]:
@@ -74,3 +87,37 @@ def _approximations(blocks: list, H: int, config: FoEConfig) -> list[list[str]]:
             why.append(f"group streams: attention reads r + {c:g}*m_h, the source r + sum_h m_h")
         reasons.append(why)
     return reasons
+
+
+def _expert_permutations(gm: fx.GraphModule, config: FoEConfig, args: tuple, kwargs: dict) -> list[list[int]] | None:
+    """One permutation per MoE block (graph order) for a non-contiguous assignment; calibrated
+    assignment measures co-selection on the capture inputs with the source's global top-k."""
+    chosen = config.expert_assignment
+    if chosen == "contiguous":
+        return None
+    if config.mode != "foe":
+        raise ValueError(f"expert_assignment={chosen!r} only changes the FoE form (quota routing); "
+                         "in exact mode use the default 'contiguous'")
+    find_moe_blocks(gm)
+    find_gqa_attention(gm)
+    blocks = gm.meta[MOE_KEY]
+    if not isinstance(chosen, str):
+        return [assignment.check_permutation(chosen, b.num_experts) for b in blocks]
+    H = group_count(gm, config.num_groups, "foe")
+    picks = _node_values(gm, [b.ids for b in blocks], args, kwargs)
+    return [assignment.calibrated(assignment.co_selection(p, b.num_experts), H) for p, b in zip(picks, blocks)]
+
+
+def _node_values(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> list[Tensor]:
+    """Run the graph on (args, kwargs) and return the values of `nodes`."""
+    wanted, values = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out
+            return out
+
+    Recorder(gm).run(*fx_pytree.tree_flatten_spec((list(args), kwargs), gm._in_spec))
+    return [values[n] for n in nodes]

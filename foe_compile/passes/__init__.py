@@ -6,7 +6,8 @@ Ordering constraints:
    attention partials as its `partials` input (the all-reduce point).
 3. fuse_sum_route_dispatch before lower_experts: it produces the token grouping
    (pairs/offsets) that foe::experts_swiglu consumes; without it lower_experts groups itself.
-4. FoE form only, after lower_experts: split_dense_mlps (dense MLPs and shared experts ->
+4. FoE form only, after lower_experts: assign_experts (reorders what the two foe:: ops read),
+   split_dense_mlps (dense MLPs and shared experts ->
    per-group shares; after lowering, so the experts' SwiGLUs are gone), then
    split_group_streams, which reads every per-group partial.
 mode="exact" applies exact rewrites only. mode="foe" (the FoE form: quota routing in the fused
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from .assign_experts import assign_experts
 from .find_gqa_attention import find_gqa_attention
 from .find_moe_blocks import UnrecognisedMoE, find_moe_blocks
 from .fuse_sum_route_dispatch import fuse_sum_route_dispatch
@@ -30,8 +32,10 @@ __all__ = ["PassResult", "UnrecognisedMoE", "run_passes"]
 
 
 def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "exact",
-               attn_stream_scale: float | None = None) -> list[PassResult]:
-    """Run the pipeline in place; returns each pass's result. See the module docstring."""
+               attn_stream_scale: float | None = None, expert_perms: list[list[int]] | None = None
+               ) -> list[PassResult]:
+    """Run the pipeline in place; returns each pass's result. See the module docstring.
+    expert_perms (FoE form): one expert permutation per MoE block, in graph order."""
     if mode not in ("exact", "foe"):
         raise ValueError(f"mode must be 'exact' or 'foe', got {mode!r}")
     foe = mode == "foe"
@@ -42,8 +46,10 @@ def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "e
         lambda g: fuse_sum_route_dispatch(g, g.meta[GROUPS_KEY] if foe else 1),
         lambda g: lower_experts(g, g.meta[GROUPS_KEY]),
     ]
+    if expert_perms is not None and not foe:
+        raise ValueError("expert_perms only change the FoE form (quota routing); the exact form ignores them")
     if foe:
-        steps += [split_dense_mlps, lambda g: split_group_streams(g, attn_stream_scale)]
+        steps += [lambda g: assign_experts(g, expert_perms), split_dense_mlps, lambda g: split_group_streams(g, attn_stream_scale)]
     dump(gm, 0, "captured")
     results = []
     for i, step in enumerate(steps, start=1):

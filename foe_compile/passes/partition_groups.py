@@ -22,6 +22,19 @@ GROUPS_KEY = "foe_num_groups"
 
 
 def partition_groups(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "exact") -> PassResult:
+    H = group_count(gm, num_groups, mode)
+    gm.meta[GROUPS_KEY] = H
+    gm.meta[PARTIALS_KEY] = {}
+    if H == 1:
+        return PassResult("partition_groups", 0)
+    attentions = gm.meta.get(ATTENTION_KEY, [])
+    for attn in attentions:
+        _split_o_proj(gm, attn, H)
+    return PassResult("partition_groups", len(attentions))
+
+
+def group_count(gm: fx.GraphModule, num_groups: int | None, mode: str) -> int:
+    """H: as given (validated) or the largest valid, from the find_* passes' records."""
     attentions, blocks = gm.meta.get(ATTENTION_KEY, []), gm.meta.get(MOE_KEY, [])
     counts = [a.num_kv_heads for a in attentions] + [b.num_experts for b in blocks]
     if mode == "foe":  # quota routing: k/H picks per group
@@ -31,13 +44,7 @@ def partition_groups(gm: fx.GraphModule, num_groups: int | None = None, mode: st
         what = "KV-head, expert and top-k counts" if mode == "foe" else "KV-head and expert counts"
         raise ValueError(f"num_groups={H} does not divide the {what} {sorted(set(counts))}; "
                          f"valid: {[h for h in range(1, math.gcd(*counts) + 1) if math.gcd(*counts) % h == 0]}")
-    gm.meta[GROUPS_KEY] = H
-    gm.meta[PARTIALS_KEY] = {}
-    if H == 1:
-        return PassResult("partition_groups", 0)
-    for attn in attentions:
-        _split_o_proj(gm, attn, H)
-    return PassResult("partition_groups", len(attentions))
+    return H
 
 
 def _split_o_proj(gm: fx.GraphModule, attn, H: int) -> None:

@@ -13,6 +13,8 @@ import foe_compile
 from foe_compile import builtin_model, convert
 from foe_compile.builtin import TINY
 from foe_compile.capture import export_aten
+from foe_compile.config import FoEConfig
+from foe_compile.generic import convert_generic
 from foe_compile.kernels.reference import route as quota_top_k
 from foe_compile.passes import run_passes
 from foe_compile.passes.infra import cleanup
@@ -25,8 +27,10 @@ def count(gm, name: str) -> int:
     return sum(name in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float, renormalize: bool) -> torch.Tensor:
-    """DESIGN.md's per-layer equations written out for UserMoETransformer, state (r, m_1..m_H)."""
+def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float, renormalize: bool,
+                  perm: list[int] | None = None) -> torch.Tensor:
+    """DESIGN.md's per-layer equations written out for UserMoETransformer, state (r, m_1..m_H);
+    group h owns experts perm[h*E/H:(h+1)*E/H]."""
     r = model.embed(ids)
     m = torch.zeros(H, *r.shape)
     for block in model.blocks:
@@ -44,15 +48,16 @@ def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float
             partials.append(H * F.linear(a.transpose(1, 2).reshape(B, T, -1), block.o.weight[:, cols]))
         r = torch.stack([r + H * m[h] + partials[h] for h in range(H)]).mean(0)  # the one all-reduce
         xn = block.norm2(r).reshape(B * T, d)
-        probs = block.moe.router(xn).softmax(-1)
+        E = len(block.moe.experts)
+        order = torch.arange(E) if perm is None else torch.tensor(perm)
+        probs = block.moe.router(xn).softmax(-1)[:, order]  # position j holds expert order[j]
         weights, picked = quota_top_k(probs, H, block.moe.top_k)
         if renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        block_size = len(block.moe.experts) // H
         m = torch.zeros(H, B * T, d)
         for t in range(B * T):
-            for j, e in enumerate(picked[t].tolist()):
-                m[e // block_size, t] += weights[t, j] * block.moe.experts[e](xn[t])
+            for j, position in enumerate(picked[t].tolist()):
+                m[position // (E // H), t] += weights[t, j] * block.moe.experts[order[position]](xn[t])
         m = m.view(H, B, T, d)
     return model.head(model.norm(r + m.sum(0)))
 
@@ -98,6 +103,33 @@ def test_graph_form_equals_module_conversion(name, c):
 
 
 @torch.no_grad()
+def test_explicit_assignment_equals_the_equations():
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=2, experts=6, top_k=2).eval()
+    ids, perm = tokens(2, 7, vocab=96), [4, 0, 2, 5, 1, 3]
+    gm, report = convert(model, mode="foe", expert_assignment=perm, calibration_inputs=ids)
+    assert report.expert_assignment == "explicit" and gm.meta["foe_expert_assignments"] == [perm, perm]
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True, perm=perm)) <= EXACT_MAX_REL
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) > 1e-3  # it did move experts
+    copies = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("foe_assigned")]
+    assert copies == ["foe_assigned_router_0", "foe_assigned_router_1"]  # per-expert weights: restacked, not copied
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("assignment", ["calibrated", [7, 1, 5, 3, 0, 6, 2, 4]])
+def test_assignment_equals_module_conversion(assignment):
+    """grouped_mm weights (module attributes) become permuted copies; calibrated picks the same groups."""
+    model = builtin_model("olmoe-tiny")
+    ids = tokens(4, 16)
+    gm, _ = convert_generic(model, FoEConfig(mode="foe", expert_assignment=assignment), [ids])
+    converted, _ = convert(copy.deepcopy(model), mode="foe", expert_assignment=assignment, calibration_inputs=ids)
+    layer_perms = converted.foe_config.layer_assignments
+    assert gm.meta["foe_expert_assignments"] == [layer_perms[i] for i in sorted(layer_perms)]
+    assert max_rel(gm(ids, use_cache=False).logits, converted(ids, use_cache=False).logits) <= EXACT_MAX_REL
+    assert sum(n.target.startswith("foe_assigned") for n in gm.graph.nodes if n.op == "get_attr") == 3 * 3
+
+
+@torch.no_grad()
 def test_single_group_foe_form_is_the_source():
     torch.manual_seed(0)
     model = UserMoETransformer(DenseLoopMoE)
@@ -126,8 +158,10 @@ def test_foe_form_errors():
         convert(model, mode="foe", num_groups=2, calibration_inputs=ids)
     with pytest.raises(ValueError, match=r"attn_stream_scale must lie in \[1, H=2\], got 3"):
         convert(UserMoETransformer(DenseLoopMoE), mode="foe", attn_stream_scale=3.0, calibration_inputs=ids)
-    with pytest.raises(ValueError, match="supports expert_assignment='contiguous' only"):
-        convert(UserMoETransformer(DenseLoopMoE), expert_assignment="calibrated", calibration_inputs=ids)
+    with pytest.raises(ValueError, match="only changes the FoE form"):
+        convert(UserMoETransformer(DenseLoopMoE), mode="exact", expert_assignment="calibrated", calibration_inputs=ids)
+    with pytest.raises(ValueError, match=r"must be a permutation of range\(6\)"):
+        convert(UserMoETransformer(DenseLoopMoE), expert_assignment=[0, 1, 2], calibration_inputs=ids)
 
 
 def test_foe_form_needs_a_fusable_router_input():
