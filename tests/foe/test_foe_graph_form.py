@@ -78,6 +78,7 @@ def test_user_model_foe_form_equals_the_equations(moe_cls, renormalize, c):
     assert report.logits_rel_error > 1e-3  # approximate, and measured
     passes = {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}
     assert passes["split_group_streams"] == 2 and passes["fuse_sum_route_dispatch"] == 3
+    assert passes["assign_experts"] == 0 and passes["split_dense_mlps"] == 0  # contiguous; no dense MLP
     assert count(gm, "aten.scaled_dot_product_attention") == 1 + 2 * 2  # layer 0 shared, then one per group
 
 
@@ -127,6 +128,17 @@ def test_assignment_equals_module_conversion(assignment):
     assert gm.meta["foe_expert_assignments"] == [layer_perms[i] for i in sorted(layer_perms)]
     assert max_rel(gm(ids, use_cache=False).logits, converted(ids, use_cache=False).logits) <= EXACT_MAX_REL
     assert sum(n.target.startswith("foe_assigned") for n in gm.graph.nodes if n.op == "get_attr") == 3 * 3
+
+
+@torch.no_grad()
+def test_one_layer_has_no_stream_to_split():
+    """Quota routing still applies; the last (here: only) layer ends with the mean over groups."""
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=1, experts=6, top_k=2).eval()
+    ids = tokens(2, 7, vocab=96)
+    gm, _ = convert(model, mode="foe", calibration_inputs=ids)
+    assert {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}["split_group_streams"] == 0
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
 
 
 @torch.no_grad()
