@@ -184,12 +184,14 @@ def test_foe_form_needs_a_fusable_router_input():
 
 
 @torch.no_grad()
-def test_backend_mode_option():
+@pytest.mark.parametrize("name, compiler", [(name, "eager") for name in TINY] + [("olmoe-tiny", "inductor")])
+def test_backend_mode_option(name, compiler):
+    """torch.compile(backend="foe", options={"mode": "foe"}) on an unconverted model == convert(mode="foe")."""
     torch._dynamo.reset()
-    model = builtin_model("mixtral-tiny")
+    model = builtin_model(name)
     ids = tokens(2, 6)
     expected = convert(copy.deepcopy(model), mode="foe")[0](ids, use_cache=False).logits
-    compiled = torch.compile(model, backend="foe", fullgraph=True, options={"mode": "foe", "compiler": "eager"})
+    compiled = torch.compile(model, backend="foe", fullgraph=True, options={"mode": "foe", "compiler": compiler})
     assert max_rel(compiled(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
     assert {r.name: r.rewrites for r in foe_compile.backend.last_results}["split_group_streams"] == 2
     torch._dynamo.reset()
