@@ -10,6 +10,8 @@ stacked in the graph are stacked in the new order (no copy).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -45,17 +47,11 @@ def _permuted(gm: fx.GraphModule, node: fx.Node, perm: list[int], name: str) -> 
     if node.op != "get_attr":
         raise ValueError(f"cannot reorder the experts' weights computed by {node.format_node()}; "
                          "use expert_assignment='contiguous'")
-    weight = _fetch(gm, node.target)
+    weight = operator.attrgetter(node.target)(gm)
     target = f"foe_assigned_{name}"
-    gm.register_parameter(target, nn.Parameter(weight.detach()[torch.tensor(perm)].clone(), requires_grad=False))
+    gm.register_parameter(target, nn.Parameter(weight.detach()[torch.tensor(perm)], requires_grad=False))
     with gm.graph.inserting_before(node):
         permuted = gm.graph.get_attr(target)
     permuted.meta = dict(node.meta)
     return permuted
 
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
