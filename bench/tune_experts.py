@@ -9,6 +9,7 @@ runtime picks them up from --out-dir when FOE_CONFIG_DIR points there, or from t
 written into foe_compile/kernels/configs/.
 
     python bench/tune_experts.py --budget-s 90 --out-dir /tmp/configs
+    python bench/tune_experts.py --rows mixtral:64,qwen3:4096 --budget-s 60   # only these rows
 """
 from __future__ import annotations
 
@@ -97,14 +98,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default=",".join(cases.GPU_LAYERS))
     p.add_argument("--tokens", default=",".join(map(str, ORDER)))
+    p.add_argument("--rows", default="", help="layer:T pairs to tune, e.g. mixtral:64,qwen3:4096 "
+                                               "(replaces the --layers x --tokens grid)")
     p.add_argument("--budget-s", type=float, default=90.0, help="total wall-clock budget")
     p.add_argument("--out-dir", default=str(launch_configs.CONFIG_DIR))
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_experts.py needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    names, tokens = args.layers.split(","), [int(t) for t in args.tokens.split(",")]
-    deadline0, pairs = time.monotonic() + args.budget_s, [(n, t) for t in tokens for n in names]
+    if args.rows:
+        pairs = [(row.split(":")[0], int(row.split(":")[1])) for row in args.rows.split(",")]
+    else:
+        pairs = [(n, int(t)) for t in args.tokens.split(",") for n in args.layers.split(",")]
+    unknown = sorted({n for n, _ in pairs} - set(cases.GPU_LAYERS))
+    if unknown:
+        sys.exit(f"unknown layer(s) {unknown}; choose from {sorted(cases.GPU_LAYERS)}")
+    names = sorted({n for n, _ in pairs})
+    deadline0 = time.monotonic() + args.budget_s
     found: dict[str, dict[int, dict]] = {n: {} for n in names}
     for i, (name, T) in enumerate(pairs):
         layer = cases.Layer(name, *cases.GPU_LAYERS[name], 1, dtype, "cuda")
