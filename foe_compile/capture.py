@@ -1,10 +1,12 @@
 """Capture: a model, decoder layer or Dynamo graph -> an ATen graph in pre-dispatch IR."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -12,19 +14,34 @@ from torch.fx.experimental.proxy_tensor import make_fx
 def aten_graph_from_dynamo(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphModule:
     """Re-trace a Dynamo graph into pre-dispatch ATen under Dynamo's own fake mode.
 
-    The Dynamo graph's parameters are real tensors; they become fake constants here only for
-    tracing (the returned graph still reads the real ones)."""
+    Dynamo hands a backend real tensors (and SymInts once it has made sizes dynamic); their fake
+    counterparts from Dynamo's fake mode carry the symbolic sizes, and the Python dispatcher keeps
+    them symbolic while tracing, so a recompile for a new length yields one graph for all lengths
+    instead of one per length. The Dynamo graph's parameters are real tensors; they become fake
+    constants here only for tracing (the returned graph still reads the real ones)."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         return make_fx(gm, pre_dispatch=True)(*example_inputs)
+    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     previous, fake_mode.allow_non_fake_inputs = fake_mode.allow_non_fake_inputs, True
     try:
-        with fake_mode:
-            return make_fx(gm, pre_dispatch=True)(*example_inputs)
+        with fake_mode, enable_python_dispatcher():
+            return make_fx(gm, pre_dispatch=True)(*fakes)
     finally:
         fake_mode.allow_non_fake_inputs = previous
 
 
-def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """torch.export (non-strict) of a model or decoder layer without KV cache."""
-    return torch.export.export(module, args, kwargs=kwargs or {}, strict=False)
+def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
+                dynamic: bool = False) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) of a model or decoder layer without KV cache.
+
+    dynamic=True lets every tensor dimension stay symbolic where the model allows it
+    (torch.export.Dim.AUTO; sizes 0 and 1 in the example inputs are still specialised), so the
+    result runs at other batch sizes and sequence lengths."""
+    kwargs = kwargs or {}
+    shapes = None
+    if dynamic:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        shapes = {name: ({i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor)
+                         else None) for name, value in bound.items()}
+    return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)

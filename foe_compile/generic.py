@@ -4,7 +4,9 @@ torch.export (non-strict) captures the model on the calibration inputs, the pass
 applies the exact form (per-group attention partials, fused route/dispatch, foe:: experts)
 or the FoE form (plus quota routing and one residual stream per group; see
 passes/split_group_streams.py for how it treats shared experts and dense layers), and the
-result is a GraphModule with the model's calling convention for those input shapes.
+result is a GraphModule with the model's calling convention. Batch and sequence sizes stay
+symbolic where the model allows it (sizes 1 in the calibration inputs are specialised), so it
+runs at other shapes than the ones it was captured with.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
     args = tuple(example) if len(example) > 1 else (example[0],)
     # Hugging Face models capture without their KV cache.
     kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    gm = export_aten(model, args, kwargs).module()
+    gm = export_aten(model, args, kwargs, dynamic=True).module()
     perms = _expert_permutations(gm, config, args, kwargs)
     results = run_passes(gm, config.num_groups, config.mode, config.attn_stream_scale, perms)
     blocks = gm.meta.get(MOE_KEY, [])

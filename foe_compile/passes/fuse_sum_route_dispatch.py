@@ -20,7 +20,8 @@ import torch
 from torch import fx
 
 from ..kernels import ops  # noqa: F401  registers torch.ops.foe
-from .infra import PassResult, ancestors, aten, descendants, erase_unused, is_op, skip_pass_through, val
+from .infra import (PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args, skip_pass_through,
+                    val)
 from .matches import MOE_KEY, PARTIALS_KEY, MoEMatch
 
 CASTS = (aten.to.dtype, aten._to_copy.default)
@@ -90,12 +91,12 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
         fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,
                                 (res, parts, weight, eps, m.router_weight, quota_groups, m.top_k, m.renormalize))
         r, xn, ids, weights = (g.call_function(operator.getitem, (fused, i)) for i in range(4))
-        r = g.call_function(aten.reshape.default, (r, list(val(x).shape)))
-        xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (xn, list(val(norm_out).shape))),
-                                             val(norm_out).dtype))
-        ids = g.call_function(aten.reshape.default, (ids, list(val(m.ids).shape)))
+        r = g.call_function(aten.reshape.default, (r, shape_args(g, val(x).shape)))
+        xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (
+            xn, shape_args(g, val(norm_out).shape))), val(norm_out).dtype))
+        ids = g.call_function(aten.reshape.default, (ids, shape_args(g, val(m.ids).shape)))
         weights = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (
-            weights, list(val(m.weights).shape))), val(m.weights).dtype))
+            weights, shape_args(g, val(m.weights).shape))), val(m.weights).dtype))
         # x itself, and an fp32 cast of x (same values; Hugging Face reads it as the residual)
         aliases = [x] + [n for n in norm_nodes if is_op(n, *CASTS) and n.args[0] is x]
         r_as = {a: r if val(a).dtype == val(x).dtype else g.call_function(aten.to.dtype, (r, val(a).dtype))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
@@ -58,6 +59,38 @@ def only_user(node: fx.Node) -> fx.Node | None:
 
 def val(node: fx.Node) -> torch.Tensor:
     return node.meta["val"]
+
+
+def shape_args(g: fx.Graph, shape: Iterable) -> list:
+    """Reshape arguments for `shape` (a FakeTensor's, possibly symbolic) in graph `g`: an int where
+    static; where symbolic, the graph input that carries that size (a SymInt input, or
+    aten.sym_size.int of a tensor input), else -1 (once: e.g. a flattened batch x sequence).
+    Raw SymInts in node arguments would not survive code generation."""
+    inputs = [n for n in g.find_nodes(op="placeholder") if "val" in n.meta]
+    out = []
+    for size in shape:
+        if is_concrete_int(size):
+            out.append(int(size))
+        elif (node := _input_size(g, inputs, size)) is not None:
+            out.append(node)
+        elif -1 not in out:
+            out.append(-1)
+        else:
+            raise ValueError(f"cannot express the shape {tuple(shape)} from the graph's input sizes")
+    return out
+
+
+def _input_size(g: fx.Graph, inputs: list[fx.Node], size: torch.SymInt) -> fx.Node | None:
+    for node in inputs:
+        v = node.meta["val"]
+        if isinstance(v, torch.SymInt) and not is_concrete_int(v) and v.node.expr == size.node.expr:
+            return node
+        for i, t in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
+            if not is_concrete_int(t) and t.node.expr == size.node.expr:
+                sym = g.call_function(aten.sym_size.int, (node, i))
+                sym.meta["val"] = size
+                return sym
+    return None
 
 
 def getitem_users(node: fx.Node) -> dict[int, fx.Node]:

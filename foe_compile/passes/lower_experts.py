@@ -15,7 +15,7 @@ from torch import fx
 
 from ..kernels import ops  # noqa: F401  registers torch.ops.foe
 from ..kernels.reference import group_by_expert
-from .infra import PassResult, aten, erase_unused, val
+from .infra import PassResult, aten, erase_unused, shape_args, val
 from .matches import MOE_KEY, MoEMatch
 
 
@@ -50,7 +50,7 @@ def _lower(gm: fx.GraphModule, m: MoEMatch, num_groups: int) -> None:
         partial = g.call_function(torch.ops.foe.experts_swiglu.default,
                                   (x, gate_up, down, ids, weights, pairs, offsets, num_groups))
         y = g.call_function(aten.sum.dim_IntList, (partial, [0]))
-        y = g.call_function(aten.reshape.default, (y, list(out_val.shape)))
+        y = g.call_function(aten.reshape.default, (y, shape_args(g, out_val.shape)))
         y = g.call_function(aten.to.dtype, (y, out_val.dtype))
     y.meta["val"] = out_val
     m.output.replace_all_uses_with(y)

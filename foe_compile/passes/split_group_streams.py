@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import fx
 
 from .fuse_sum_route_dispatch import match_rms_norm
-from .infra import PassResult, ancestors, aten, descendants, erase_unused, skip_pass_through, val
+from .infra import PassResult, ancestors, aten, descendants, erase_unused, shape_args, skip_pass_through, val
 from .matches import ATTENTION_KEY, DENSE_KEY, MOE_KEY, AttentionMatch, MoEMatch
 from .partition_groups import GROUPS_KEY
 
@@ -100,6 +100,7 @@ def _gather_own_heads(g: fx.Graph, per_group: list[fx.Node]) -> fx.Node:
 def _scaled_partial(g: fx.Graph, source, h: int, c: float) -> fx.Node:
     y = val(source.output)
     m_h = g.call_function(aten.mul.Tensor, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
-    out = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (m_h, list(y.shape))), y.dtype))
+    shape = shape_args(g, y.shape)
+    out = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (m_h, shape)), y.dtype))
     out.meta["val"] = y
     return out

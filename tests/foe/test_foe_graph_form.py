@@ -219,3 +219,36 @@ def test_split_dense_mlps(mlp, groups, splits):
     assert result.rewrites == splits and len(gm.meta[DENSE_KEY]) == splits
     assert count(gm, "aten.linear") == (3 * groups if splits else 3) and count(gm, "aten.stack") == splits
     torch.testing.assert_close(gm(x), mlp(x), rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls", [DenseLoopMoE, IndexAddLoopMoE])
+def test_converted_graph_runs_at_other_shapes(moe_cls):
+    """Captured at [2, 7]; batch and sequence stay symbolic (a size-1 capture would specialise)."""
+    torch.manual_seed(0)
+    model = UserMoETransformer(moe_cls, layers=2, experts=6, top_k=2).eval()
+    exact, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
+    foe, _ = convert(model, mode="foe", calibration_inputs=tokens(2, 7, vocab=96))
+    for batch, length in [(3, 11), (1, 1), (4, 33)]:
+        ids = tokens(batch, length, seed=batch, vocab=96)
+        assert max_rel(exact(ids), model(ids)) <= EXACT_MAX_REL
+        renormalize = moe_cls is DenseLoopMoE
+        assert max_rel(foe(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=renormalize)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["exact", "foe"])
+def test_backend_recompiles_for_new_lengths(mode):
+    """A new sequence length makes Dynamo recompile once with symbolic sizes; capture and passes keep
+    them symbolic, so that one graph serves every later length."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = builtin_model("mixtral-tiny")
+    expected_model = convert(copy.deepcopy(model), mode="foe")[0] if mode == "foe" else model
+    compiled = torch.compile(model, backend="foe", fullgraph=True, options={"mode": mode, "compiler": "eager"})
+    for length in (5, 9, 13):
+        ids = tokens(2, length, seed=length)
+        expected = expected_model(ids, use_cache=False).logits
+        assert max_rel(compiled(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # length 5, then any length
+    torch._dynamo.reset()
