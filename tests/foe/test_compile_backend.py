@@ -71,7 +71,7 @@ def test_unconverted_model_with_inductor():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["qwen2-moe-tiny", "olmoe-tiny"])
+@pytest.mark.parametrize("name", TINY)
 def test_no_graph_breaks(name):
     model = builtin_model(name)
     explanation = torch._dynamo.explain(model)(tokens(1, 6), use_cache=False)
