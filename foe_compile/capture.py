@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
@@ -36,12 +37,14 @@ def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
     """torch.export (non-strict) of a model or decoder layer without KV cache.
 
     dynamic=True lets every tensor dimension stay symbolic where the model allows it
-    (torch.export.Dim.AUTO; sizes 0 and 1 in the example inputs are still specialised), so the
-    result runs at other batch sizes and sequence lengths."""
+    (torch.export.Dim.AUTO), so the result runs at other batch sizes and sequence lengths; sizes
+    of 1 in the example inputs stay symbolic too (size-oblivious guards), so a [1, T] example
+    does not pin the batch to 1."""
     kwargs = kwargs or {}
-    shapes = None
-    if dynamic:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        shapes = {name: ({i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor)
-                         else None) for name, value in bound.items()}
-    return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    if not dynamic:
+        return torch.export.export(module, args, kwargs=kwargs, strict=False)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    shapes = {name: ({i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor)
+                     else None) for name, value in bound.items()}
+    with fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)

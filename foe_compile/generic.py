@@ -5,8 +5,8 @@ applies the exact form (per-group attention partials, fused route/dispatch, foe:
 or the FoE form (plus quota routing and one residual stream per group; see
 passes/split_group_streams.py for how it treats shared experts and dense layers), and the
 result is a GraphModule with the model's calling convention. Batch and sequence sizes stay
-symbolic where the model allows it (sizes 1 in the calibration inputs are specialised), so it
-runs at other shapes than the ones it was captured with.
+symbolic where the model allows it, so it runs at other shapes than the ones it was captured
+with.
 """
 from __future__ import annotations
 

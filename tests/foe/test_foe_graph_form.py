@@ -223,12 +223,13 @@ def test_split_dense_mlps(mlp, groups, splits):
 
 @torch.no_grad()
 @pytest.mark.parametrize("moe_cls", [DenseLoopMoE, IndexAddLoopMoE])
-def test_converted_graph_runs_at_other_shapes(moe_cls):
-    """Captured at [2, 7]; batch and sequence stay symbolic (a size-1 capture would specialise)."""
+@pytest.mark.parametrize("captured", [(2, 7), (1, 1)])
+def test_converted_graph_runs_at_other_shapes(moe_cls, captured):
+    """Batch and sequence stay symbolic, also when the capture inputs have size 1 there."""
     torch.manual_seed(0)
     model = UserMoETransformer(moe_cls, layers=2, experts=6, top_k=2).eval()
-    exact, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
-    foe, _ = convert(model, mode="foe", calibration_inputs=tokens(2, 7, vocab=96))
+    exact, _ = convert(model, mode="exact", calibration_inputs=tokens(*captured, vocab=96))
+    foe, _ = convert(model, mode="foe", calibration_inputs=tokens(*captured, vocab=96))
     for batch, length in [(3, 11), (1, 1), (4, 33)]:
         ids = tokens(batch, length, seed=batch, vocab=96)
         assert max_rel(exact(ids), model(ids)) <= EXACT_MAX_REL
