@@ -27,7 +27,7 @@ from foe_compile.kernels import launch_configs, triton_experts  # noqa: E402
 
 KNOBS = [  # (path into the config, values)
     (("BLOCK_M",), (16, 32, 64, 128)),
-    (("gate_up", "BLOCK_N"), (32, 64, 128)),
+    (("gate_up", "BLOCK_N"), (32, 64, 128, 256)),
     (("down", "BLOCK_N"), (32, 64, 128, 256)),
     (("gate_up", "BLOCK_K"), (64, 128)),
     (("down", "BLOCK_K"), (64, 128)),
