@@ -48,3 +48,8 @@ def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
                      else None) for name, value in bound.items()}
     with fx_config.patch(backed_size_oblivious=True):
         return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+
+
+def capture_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments a capture passes: Hugging Face models run without their KV cache."""
+    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}

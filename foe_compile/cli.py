@@ -51,7 +51,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.out:
         model.save_pretrained(args.out)
         print(f"saved the converted model to {args.out} (source layout + config.foe)")
+    if args.onnx or args.aoti:
+        export_converted(model, args)
     return 0
+
+
+def export_converted(model, args: argparse.Namespace) -> None:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise SystemExit("error: --onnx/--aoti need real weights; the built-in full-size configs are on the meta device")
+    from .export import to_aoti, to_onnx
+
+    example = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(args.seed))
+    if args.onnx:
+        print(f"wrote {to_onnx(model, example, args.onnx)} (ONNX, standard operators; batch and length dynamic)")
+    if args.aoti:
+        print(f"wrote {to_aoti(model, example, args.aoti)} (AOTInductor package; load with foe_compile.export.load_aoti)")
 
 
 @torch.no_grad()
@@ -127,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--out", help="save the converted model here")
     conv.add_argument("--report-json", help="write the report as JSON here")
+    conv.add_argument("--onnx", help="export the converted model to this ONNX file")
+    conv.add_argument("--aoti", help="compile the converted model into this AOTInductor package (.pt2)")
     conv.set_defaults(func=cmd_convert)
     demo = sub.add_parser("demo", help="offline demo over every supported family")
     demo.add_argument("--calibration-tokens", type=int, default=64)

@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 
 from . import assignment
 from .calibration import max_rel_error, rel_error
-from .capture import export_aten
+from .capture import capture_kwargs, export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
@@ -37,8 +37,7 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
         raise ValueError(f"converting {name} through the FX path needs calibration_inputs (example inputs to capture)")
     start = time.perf_counter()
     args = tuple(example) if len(example) > 1 else (example[0],)
-    # Hugging Face models capture without their KV cache.
-    kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    kwargs = capture_kwargs(model)
     gm = export_aten(model, args, kwargs, dynamic=True).module()
     perms = _expert_permutations(gm, config, args, kwargs)
     results = run_passes(gm, config.num_groups, config.mode, config.attn_stream_scale, perms)

@@ -42,3 +42,17 @@ def test_demo_verifies_every_family(capsys):
     out = capsys.readouterr().out
     assert out.count("exact-mode check") == 4 and "FAILED" not in out
     assert "exact mode verified for every family" in out
+
+
+@torch.no_grad()
+def test_convert_and_export_to_onnx(tmp_path, capsys):
+    import onnxruntime as ort
+
+    path = tmp_path / "mixtral.onnx"
+    assert main(["convert", "mixtral-tiny", "--calibration-tokens", "0", "--onnx", str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: tokens(1, 3).numpy()})
+    assert out.shape == (1, 3, 128)
+    with pytest.raises(SystemExit, match="need real weights"):
+        main(["convert", "mixtral-8x7b", "--groups", "2", "--calibration-tokens", "0", "--onnx", str(path)])

@@ -1,0 +1,98 @@
+"""ONNX export: the foe:: ops as standard ONNX (opset 18) subgraphs, checked in onnxruntime.
+
+`to_onnx(model, inputs, path)` captures the model like the FX path (torch.export, batch and
+sequence symbolic) and translates it with torch.onnx's exporter; the two foe:: ops are given as
+onnxscript functions that spell out reference.py's formulas with standard operators, so the
+file runs in any ONNX runtime without a custom-op library:
+
+    sum_route_dispatch  ReduceMean over groups, RMSNorm, MatMul, Softmax, TopK per expert block
+                        (quota routing), renormalisation; the stable grouping by expert is a
+                        TopK over the keys id * N + position (N = T*k); offsets = CumSum of
+                        the per-expert counts
+    experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
+                        grouping (a Slice between two offsets), Gather of their tokens, two
+                        MatMuls with SwiGLU, the routing-weight multiply and a ScatterND-add
+                        into its group's output (a token meets each expert at most once)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from onnxscript import opset18 as op
+from torch import Tensor, nn
+
+from ..capture import capture_kwargs, export_aten
+
+FLOAT, INT64 = 1, 7  # onnx.TensorProto data types
+
+
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _range(stop):
+    """0, 1, ..., stop - 1 for a 1-element int64 tensor `stop`."""
+    return op.Range(op.Constant(value_int=0), op.Squeeze(stop), op.Constant(value_int=1))
+
+
+def sum_route_dispatch(residual, partials, norm_weight, eps: float, router_weight, num_groups: int, top_k: int,
+                       renormalize: bool):
+    r = op.ReduceMean(op.Add(residual, partials), _ints(0), keepdims=0)
+    x32 = op.Cast(r, to=FLOAT)  # normalised in fp32, scaled in the input dtype (reference.rms_norm)
+    mean_sq = op.ReduceMean(op.Mul(x32, x32), _ints(-1), keepdims=1)
+    normed = op.Div(x32, op.Sqrt(op.Add(mean_sq, op.Constant(value_float=eps))))
+    xn = op.Mul(norm_weight, op.CastLike(normed, r))
+    probs = op.Softmax(op.Cast(op.MatMul(xn, op.Transpose(router_weight, perm=[1, 0])), to=FLOAT), axis=-1)
+    num_experts = op.Shape(router_weight, start=0, end=1)
+    block = op.Div(num_experts, _ints(num_groups))
+    blocks = op.Reshape(probs, op.Concat(_ints(-1, num_groups), block, axis=0))  # [T, H, E/H]
+    values, local = op.TopK(blocks, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
+    first_id = op.Mul(op.Reshape(_range(_ints(num_groups)), _ints(1, -1, 1)), block)
+    ids = op.Reshape(op.Add(local, first_id), _ints(-1, top_k))
+    values = op.Reshape(values, _ints(-1, top_k))
+    if renormalize:
+        values = op.Div(values, op.ReduceSum(values, _ints(-1), keepdims=1))
+    flat = op.Reshape(ids, _ints(-1))
+    count = op.Shape(flat)
+    key = op.Add(op.Mul(flat, count), _range(count))
+    _, pairs = op.TopK(key, count, axis=0, largest=0, sorted=1)  # ascending keys: a stable sort by expert
+    hits = op.Cast(op.Equal(op.Unsqueeze(flat, _ints(1)), _range(num_experts)), to=INT64)
+    per_expert = op.ReduceSum(hits, _ints(0), keepdims=0)
+    offsets = op.Concat(_ints(0), op.CumSum(per_expert, op.Constant(value_int=0)), axis=0)
+    return r, xn, ids, op.CastLike(values, xn), pairs, offsets
+
+
+def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: int):
+    num_experts = gate_up.shape[0]
+    per_group = num_experts // num_groups
+    top_k = op.Shape(ids, start=1, end=2)
+    out = [op.Mul(x, op.CastLike(op.Constant(value_float=0.0), x)) for _ in range(num_groups)]  # zeros [T, d]
+    for e in range(num_experts):
+        rows = op.Slice(pairs, op.Slice(offsets, _ints(e), _ints(e + 1)), op.Slice(offsets, _ints(e + 1), _ints(e + 2)))
+        token, slot = op.Div(rows, top_k), op.Mod(rows, top_k)
+        expert = op.Constant(value_int=e)
+        hidden = op.MatMul(op.Gather(x, token, axis=0), op.Transpose(op.Gather(gate_up, expert, axis=0), perm=[1, 0]))
+        gate, up = op.Split(hidden, axis=-1, num_outputs=2)
+        y = op.MatMul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up),
+                      op.Transpose(op.Gather(down, expert, axis=0), perm=[1, 0]))
+        w = op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)), axis=-1))
+        g = e // per_group
+        out[g] = op.ScatterND(out[g], op.Unsqueeze(token, _ints(-1)), op.Mul(y, op.Unsqueeze(w, _ints(-1))),
+                              reduction="add")
+    return op.Concat(*[op.Unsqueeze(o, _ints(0)) for o in out], axis=0)
+
+
+TRANSLATIONS = {
+    torch.ops.foe.sum_route_dispatch.default: sum_route_dispatch,
+    torch.ops.foe.experts_swiglu.default: experts_swiglu,
+}
+
+
+def to_onnx(model: nn.Module, inputs: tuple[Tensor, ...] | Tensor, path: str | os.PathLike) -> str:
+    """Export `model` (converted or not: the foe:: ops it reaches are translated) to ONNX at `path`."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    program = export_aten(model, args, capture_kwargs(model), dynamic=True)
+    onnx_program = torch.onnx.export(program, custom_translation_table=TRANSLATIONS, dynamo=True)
+    onnx_program.save(os.fspath(path))
+    return os.fspath(path)

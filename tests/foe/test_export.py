@@ -1,0 +1,60 @@
+"""Ahead-of-time export: ONNX files run in onnxruntime and AOTInductor packages equal the PyTorch
+model they came from, at the capture shape and at others (batch and sequence stay symbolic)."""
+import copy
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from foe_testing import EXACT_MAX_REL, max_rel, tokens
+from user_models import IndexAddLoopMoE, UserMoETransformer
+
+from foe_compile import builtin_model, convert
+from foe_compile.export import load_aoti, to_aoti, to_onnx
+
+SHAPES = [(2, 9), (3, 17), (1, 1)]
+
+
+def run_onnx(path, ids: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, mode", [("olmoe-tiny", "foe"), ("qwen2-moe-tiny", "foe"), ("mixtral-tiny", "exact")])
+def test_onnx_of_converted_models(tmp_path, name, mode):
+    """olmoe: q/k norms over all heads; qwen2: shared experts and a dense layer; mixtral: E = 8, k = 2."""
+    model, _ = convert(builtin_model(name), mode=mode)
+    path = to_onnx(model, tokens(2, 9), tmp_path / f"{name}.onnx")
+    proto = onnx.load(path)
+    domains = {node.domain for node in proto.graph.node} | {f.domain for f in proto.functions}
+    assert domains <= {"", "ai.onnx"}, domains  # standard operators only: no custom-op library needed
+    assert {"TopK", "ScatterND", "CumSum"} <= {node.op_type for node in proto.graph.node}
+    for batch, length in SHAPES:
+        ids = tokens(batch, length, seed=length)
+        assert max_rel(run_onnx(path, ids), logits(model, ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_onnx_of_a_user_model_through_the_fx_path(tmp_path):
+    torch.manual_seed(0)
+    model = UserMoETransformer(IndexAddLoopMoE, experts=6, top_k=2).eval()
+    graph, _ = convert(model, mode="foe", calibration_inputs=tokens(2, 7, vocab=96))
+    path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / "user.onnx")
+    for batch, length in SHAPES:
+        ids = tokens(batch, length, seed=length, vocab=96)
+        assert max_rel(run_onnx(path, ids), graph(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_aoti_package_of_a_converted_model(tmp_path):
+    model, _ = convert(builtin_model("olmoe-tiny"), mode="foe")
+    runner = load_aoti(to_aoti(model, tokens(2, 9), tmp_path / "olmoe.pt2"))
+    for batch, length in SHAPES:
+        ids = tokens(batch, length, seed=length)
+        assert max_rel(runner(ids, use_cache=False).logits, logits(model, ids)) <= EXACT_MAX_REL
