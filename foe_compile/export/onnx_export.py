@@ -11,7 +11,7 @@ file runs in any ONNX runtime without a custom-op library:
                         the per-expert counts
     experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
                         grouping (a Slice between two offsets), Gather of their tokens, two
-                        MatMuls with SwiGLU, the routing-weight multiply and a ScatterND-add
+                        Gemms with SwiGLU, the routing-weight multiply and a ScatterND-add
                         into its group's output (a token meets each expert at most once)
 """
 from __future__ import annotations
@@ -72,10 +72,9 @@ def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: i
         rows = op.Slice(pairs, op.Slice(offsets, _ints(e), _ints(e + 1)), op.Slice(offsets, _ints(e + 1), _ints(e + 2)))
         token, slot = op.Div(rows, top_k), op.Mod(rows, top_k)
         expert = op.Constant(value_int=e)
-        hidden = op.MatMul(op.Gather(x, token, axis=0), op.Transpose(op.Gather(gate_up, expert, axis=0), perm=[1, 0]))
+        hidden = op.Gemm(op.Gather(x, token, axis=0), op.Gather(gate_up, expert, axis=0), transB=1)
         gate, up = op.Split(hidden, axis=-1, num_outputs=2)
-        y = op.MatMul(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up),
-                      op.Transpose(op.Gather(down, expert, axis=0), perm=[1, 0]))
+        y = op.Gemm(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Gather(down, expert, axis=0), transB=1)
         w = op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)), axis=-1))
         g = e // per_group
         out[g] = op.ScatterND(out[g], op.Unsqueeze(token, _ints(-1)), op.Mul(y, op.Unsqueeze(w, _ints(-1))),
