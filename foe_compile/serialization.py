@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from .hf_outputs import converted_forward
 from .models import FoEDenseMLP, FoEMoE
 
 _CONVERTED_CLASSES: dict[type, type] = {}
@@ -84,13 +85,14 @@ def _from_pretrained(cls, path: str | os.PathLike, *args, **kwargs) -> nn.Module
 
 
 def mark_converted(model: nn.Module, config) -> None:
-    """Give this instance (only) a subclass whose save/from_pretrained keep the FoE structure."""
+    """Give this instance (only) a subclass whose save/from_pretrained keep the FoE structure and
+    whose forward serves Hugging Face's optional outputs (hf_outputs.py)."""
     cls = type(model)
     if cls not in _CONVERTED_CLASSES:
         _CONVERTED_CLASSES[cls] = type(
             f"FoE{cls.__name__}", (cls,),
             {"save_pretrained": _save_pretrained, "from_pretrained": classmethod(_from_pretrained),
-             "__module__": __name__},
+             "forward": converted_forward(cls), "__module__": __name__},
         )
     model.__class__ = _CONVERTED_CLASSES[cls]
     model.foe_config = config
