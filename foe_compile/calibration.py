@@ -69,6 +69,15 @@ def max_rel_error(a: list[Tensor], b: list[Tensor]) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def agreement_sums(probs: Tensor, ids: Tensor) -> tuple[float, float, int]:
+    """For router probabilities [T, E] and the picks ids [T, k]: (sum over tokens of the fraction of
+    the global top-k picked, sum of the picks' probability mass / the global top-k's, T)."""
+    k = ids.shape[-1]
+    top_vals, top_ids = probs.topk(k, dim=-1)
+    kept = (ids.unsqueeze(-1) == top_ids.unsqueeze(-2)).any(-1).sum(-1)  # [T]
+    return float(kept.sum()) / k, float((probs.gather(1, ids).sum(-1) / top_vals.sum(-1)).sum()), ids.shape[0]
+
+
 @torch.no_grad()
 def routing_stats(model: nn.Module, batches: list[Tensor]) -> tuple[Trace, dict[int, tuple[float, float]]]:
     """Trace the converted model and, per MoE layer, (agreement, probability mass kept) of its
@@ -79,12 +88,8 @@ def routing_stats(model: nn.Module, batches: list[Tensor]) -> tuple[Trace, dict[
     def hook(i):
         def record(module: FoEMoE, _args, _out):
             probs, ids, _ = module.last_routing
-            k = ids.shape[-1]
-            top_vals, top_ids = probs.topk(k, dim=-1)
-            kept = (ids.unsqueeze(-1) == top_ids.unsqueeze(-2)).any(-1).sum(-1)  # [T]
-            sums[i][0] += float(kept.sum()) / k
-            sums[i][1] += float((probs.gather(1, ids).sum(-1) / top_vals.sum(-1)).sum())
-            sums[i][2] += ids.shape[0]
+            for j, value in enumerate(agreement_sums(probs, ids)):
+                sums[i][j] += value
         return record
 
     hooks = []

@@ -14,10 +14,11 @@ import time
 
 import torch
 import torch.fx._pytree as fx_pytree
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import assignment
-from .calibration import max_rel_error, rel_error
+from .calibration import agreement_sums, max_rel_error, rel_error
 from .capture import capture_kwargs, export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
@@ -51,6 +52,9 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
     layers = [LayerReport(i, "moe", exact=not reasons, reasons=reasons,
                           notes=[f"{b.kind} experts lowered to foe::experts_swiglu"])
               for i, (b, reasons) in enumerate(zip(blocks, _approximations(blocks, H, config)))]
+    for layer, stats in zip(layers, _routing_stats(gm, blocks, args, kwargs)):
+        if stats is not None:
+            layer.routing_agreement, layer.prob_mass_kept = stats
     report = ConversionReport(
         model_type=name, mode=config.mode, num_groups=H, num_experts=E, top_k=k,
         expert_assignment=config.expert_assignment if isinstance(config.expert_assignment, str) else "explicit",
@@ -88,6 +92,24 @@ def _approximations(blocks: list, H: int, config: FoEConfig) -> list[list[str]]:
             why.append(f"group streams: attention reads r + {c:g}*m_h, the source r + sum_h m_h")
         reasons.append(why)
     return reasons
+
+
+def _routing_stats(gm: fx.GraphModule, blocks: list, args: tuple, kwargs: dict) -> list[tuple[float, float] | None]:
+    """Per MoE block, the converted graph's routing on the capture inputs against the global top-k
+    of the same router scores: (agreement, probability mass kept); None where not fused."""
+    fused = [b.route for b in blocks if b.route is not None]
+    recorded = _node_values(gm, fused + [r.args[4] for r in fused], args, kwargs)  # outputs, router weights
+    values = {route: (out, weight) for route, out, weight in zip(fused, recorded, recorded[len(fused):])}
+    stats = []
+    for block in blocks:
+        if block.route is None:
+            stats.append(None)
+            continue
+        (_, xn, ids, *_), weight = values[block.route]
+        probs = F.softmax(F.linear(xn, weight).float(), dim=-1)
+        kept, mass, tokens = agreement_sums(probs, ids)
+        stats.append((kept / tokens, mass / tokens))
+    return stats
 
 
 def _expert_permutations(gm: fx.GraphModule, config: FoEConfig, args: tuple, kwargs: dict) -> list[list[int]] | None:

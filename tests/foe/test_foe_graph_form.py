@@ -76,6 +76,7 @@ def test_user_model_foe_form_equals_the_equations(moe_cls, renormalize, c):
     assert [len(layer.reasons) for layer in report.layers] == [1, 2, 2]  # quota routing; + group streams
     assert "quota routing: top-2 in each of 2 blocks of 3 experts" in report.layers[0].reasons[0]
     assert report.logits_rel_error > 1e-3  # approximate, and measured
+    assert all(0 < layer.routing_agreement < 1 and 0 < layer.prob_mass_kept <= 1 for layer in report.layers)
     passes = {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}
     assert passes["split_group_streams"] == 2 and passes["fuse_sum_route_dispatch"] == 3
     assert passes["assign_experts"] == 0 and passes["split_dense_mlps"] == 0  # contiguous; no dense MLP
@@ -122,8 +123,11 @@ def test_assignment_equals_module_conversion(assignment):
     """grouped_mm weights (module attributes) become permuted copies; calibrated picks the same groups."""
     model = builtin_model("olmoe-tiny")
     ids = tokens(4, 16)
-    gm, _ = convert_generic(model, FoEConfig(mode="foe", expert_assignment=assignment), [ids])
-    converted, _ = convert(copy.deepcopy(model), mode="foe", expert_assignment=assignment, calibration_inputs=ids)
+    gm, report = convert_generic(model, FoEConfig(mode="foe", expert_assignment=assignment), [ids])
+    converted, expected = convert(copy.deepcopy(model), mode="foe", expert_assignment=assignment,
+                                  calibration_inputs=ids)
+    stats = [value for layer in report.layers for value in (layer.routing_agreement, layer.prob_mass_kept)]
+    assert stats == pytest.approx([v for layer in expected.layers for v in (layer.routing_agreement, layer.prob_mass_kept)])
     layer_perms = converted.foe_config.layer_assignments
     assert gm.meta["foe_expert_assignments"] == [layer_perms[i] for i in sorted(layer_perms)]
     assert max_rel(gm(ids, use_cache=False).logits, converted(ids, use_cache=False).logits) <= EXACT_MAX_REL
@@ -148,6 +152,7 @@ def test_single_group_foe_form_is_the_source():
     ids = tokens(2, 7, vocab=96)
     gm, report = convert(model, mode="foe", num_groups=1, calibration_inputs=ids)
     assert report.exact and max_rel(gm(ids), model(ids)) <= EXACT_MAX_REL
+    assert all(layer.routing_agreement == layer.prob_mass_kept == 1.0 for layer in report.layers)
     assert {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}["split_group_streams"] == 0
 
 
