@@ -45,6 +45,8 @@ def _forward(self, source_cls: type, *args, output_hidden_states: bool | None = 
                          "them); run the source model with attn_implementation='eager' for output_attentions")
     if not (want_hidden or want_router):
         return source_cls.forward(self, *args, output_router_logits=False, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    as_tuple = not (return_dict if return_dict is not None else config.use_return_dict)
     hidden, logits, handles = [], [], []
     layers = self.model.layers
     if want_hidden:
@@ -57,16 +59,19 @@ def _forward(self, source_cls: type, *args, output_hidden_states: bool | None = 
         handles += [layer.mlp.register_forward_hook(lambda m, a, _out: logits.append(F.linear(a[0], m.router.weight)))
                     for layer in layers if isinstance(layer.mlp, FoEMoE)]
     try:
-        out = source_cls.forward(self, *args, output_router_logits=False, **kwargs)
+        out = source_cls.forward(self, *args, output_router_logits=False, return_dict=True, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+    extra = {}
     if want_hidden:
-        out.hidden_states = (*hidden[:-2], hidden[-1])  # the last layer's entry is after the final norm
+        extra["hidden_states"] = (*hidden[:-2], hidden[-1])  # the last layer's entry is after the final norm
     if want_router:
-        out.router_logits = tuple(logits)
+        extra["router_logits"] = tuple(logits)
         loss_fn = sys.modules[source_cls.__module__].load_balancing_loss_func
-        out.aux_loss = loss_fn(out.router_logits, self.num_experts, self.num_experts_per_tok, kwargs.get("attention_mask"))
+        extra["aux_loss"] = loss_fn(extra["router_logits"], self.num_experts, self.num_experts_per_tok,
+                                    kwargs.get("attention_mask"))
         if out.loss is not None:
-            out.loss = out.loss + self.router_aux_loss_coef * out.aux_loss.to(out.loss.device)
-    return out
+            extra["loss"] = out.loss + self.router_aux_loss_coef * extra["aux_loss"].to(out.loss.device)
+    out = type(out)(**{**out, **extra})  # rebuilt, so that fields (and to_tuple) keep the declared order
+    return out.to_tuple() if as_tuple else out

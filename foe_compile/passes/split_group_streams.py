@@ -23,7 +23,8 @@ from __future__ import annotations
 from torch import fx
 
 from .fuse_sum_route_dispatch import match_rms_norm
-from .infra import PassResult, ancestors, aten, descendants, erase_unused, shape_args, skip_pass_through, val
+from .infra import (PASS_THROUGH, PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args,
+                    skip_pass_through, val)
 from .matches import ATTENTION_KEY, DENSE_KEY, MOE_KEY, AttentionMatch, MoEMatch
 from .partition_groups import GROUPS_KEY
 
@@ -50,11 +51,11 @@ def split_group_streams(gm: fx.GraphModule, attn_stream_scale: float | None = No
             if isinstance(contributor, MoEMatch):
                 contributor.feeds_group_streams = True
     for attn, sources in feeding.values():
-        _split(gm, sources, attn, H, c, position)
+        _split(gm, sources, contributors, attn, H, c, position)
     return PassResult("split_group_streams", len(feeding))
 
 
-def _split(gm: fx.GraphModule, sources: list, attn: AttentionMatch, H: int, c: float,
+def _split(gm: fx.GraphModule, sources: list, contributors: list, attn: AttentionMatch, H: int, c: float,
            position: dict[fx.Node, int]) -> None:
     """Clone the path from the sources' outputs to attn's heads once per group (in lockstep),
     each output y replaced by c * (its group-h partial)."""
@@ -62,6 +63,7 @@ def _split(gm: fx.GraphModule, sources: list, attn: AttentionMatch, H: int, c: f
     heads_input = attn.group_heads[0].args[0]  # every group's slice reads the same o_proj input
     outputs = [s.output for s in sources]
     region = sorted((descendants(outputs) & ancestors(heads_input)) | {heads_input}, key=position.__getitem__)
+    _check_region(set(region), outputs, [x.output for x in contributors], heads_input)
     norm_inputs = _full_width_norm_inputs(region, attn)
     with g.inserting_before(heads_input.next):
         clones = [{s.output: _scaled_partial(g, s, h, c) for s in sources} for h in range(H)]
@@ -74,7 +76,64 @@ def _split(gm: fx.GraphModule, sources: list, attn: AttentionMatch, H: int, c: f
                 clones[h][node] = g.node_copy(node, lambda n: gathered[n] if n is x else clones[h].get(n, n))
         for h, head_slice in enumerate(attn.group_heads):
             head_slice.replace_input_with(heads_input, clones[h][heads_input])
-    erase_unused(gm, region)  # explicitly: DCE keeps SDPA (dropout makes it "nondeterministic")
+    # Explicitly: DCE keeps SDPA (dropout makes it "nondeterministic") and export's metadata checks.
+    erase_unused(gm, set(region) | {u for n in region for u in n.users if _is_check(u)})
+
+
+LINEAR = (aten.add.Tensor, aten.sub.Tensor, *PASS_THROUGH)
+
+
+def _check_region(region: set[fx.Node], outputs: list[fx.Node], blocks: list[fx.Node], heads_input: fx.Node) -> None:
+    """Refuse graphs where "group h reads r + c*m_h" has no meaning or would be half applied:
+    another block between the outputs and the attention; a non-linear op on an output before it
+    joins the residual stream (e.g. a post-MLP norm); attention internals used outside the
+    attention (a KV cache, which the FoE form keeps per group)."""
+    between = [o.name for o in blocks if o in region]
+    if between:
+        raise ValueError(f"the FoE form needs an attention between consecutive MoE/MLP blocks, but the output of "
+                         f"{outputs[0].name} reaches the next attention through block output(s) {between}; "
+                         "convert with mode='exact'")
+    stream = set(outputs)  # values linear in the outputs: the residual stream up to the attention's norm
+    changed = True
+    while changed:
+        changed = False
+        for node in region - stream:
+            inputs = [a for a in node.all_input_nodes if a in stream]
+            scaled = is_op(node, aten.mul.Tensor) and not any(a in region for a in node.all_input_nodes if a not in stream)
+            linear = is_op(node, *LINEAR) or (scaled and len(inputs) == 1)  # e.g. a shared expert's gate
+            if inputs and linear:
+                stream.add(node)
+                changed = True
+    for node in region - stream:
+        for read in (a for a in node.all_input_nodes if a in stream):
+            if not _feeds_residual(read, region, stream):
+                raise ValueError(
+                    f"{node.name} applies a non-linear op to the MoE/MLP output {outputs[0].name} before it joins "
+                    "the residual stream (e.g. a post-MLP norm), where the FoE form's group stream r + c*m_h is "
+                    "not defined; convert with mode='exact'")
+    escaping = sorted(n.name for n in region - stream
+                      if n is not heads_input and any(u not in region and not _is_check(u) for u in n.users))
+    if escaping:
+        raise ValueError(
+            f"attention values {escaping} are also used outside the attention (e.g. stored in a KV cache), but the "
+            "FoE form gives every group its own stream and cache; compile with use_cache=False, or use the "
+            "module-level convert(model, mode='foe'), whose layers keep per-group caches")
+
+
+def _feeds_residual(node: fx.Node, region: set[fx.Node], stream: set[fx.Node]) -> bool:
+    """Whether `node`, or the stream value it is a view or cast of, is also used past the attention
+    (as the residual of what follows): then the attention reads the residual stream itself."""
+    while True:
+        if node in region and any(u not in region and not _is_check(u) for u in node.users):
+            return True
+        if not (is_op(node, *PASS_THROUGH) and node.args[0] in stream):
+            return False
+        node = node.args[0]
+
+
+def _is_check(node: fx.Node) -> bool:
+    """torch.export's runtime checks on a value (dtype/device asserts): not a use of its data."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_assert")
 
 
 def _full_width_norm_inputs(region: list[fx.Node], attn: AttentionMatch) -> dict[fx.Node, fx.Node]:

@@ -181,6 +181,32 @@ def test_foe_form_errors():
         convert(UserMoETransformer(DenseLoopMoE), expert_assignment=[0, 1, 2], calibration_inputs=ids)
 
 
+@pytest.mark.parametrize("variant, message", [
+    (dict(without_attention=(1,)), "needs an attention between consecutive MoE/MLP blocks"),
+    (dict(post_norm=True), "non-linear op to the MoE/MLP output .* before it joins the residual stream"),
+])
+def test_foe_form_refuses_graphs_without_a_defined_group_stream(variant, message):
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=3, **variant).eval()
+    ids = tokens(2, 7, vocab=96)
+    with pytest.raises(ValueError, match=message):
+        convert(model, mode="foe", calibration_inputs=ids)
+    exact, _ = convert(model, mode="exact", calibration_inputs=ids)  # the exact form still applies
+    assert max_rel(exact(ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_backend_foe_form_refuses_a_shared_kv_cache():
+    """A compiled graph that writes the KV cache would store the shared stream's keys while the
+    groups attend with their own: refused (use_cache=False works; module-level keeps per-group caches)."""
+    torch._dynamo.reset()
+    model = builtin_model("qwen3-moe-tiny")
+    compiled = torch.compile(model, backend="foe", fullgraph=True, options={"mode": "foe", "compiler": "eager"})
+    with pytest.raises(Exception, match="also used outside the attention .* KV cache"):
+        compiled(tokens(1, 5), use_cache=True)
+    torch._dynamo.reset()
+
+
 def test_foe_form_needs_a_fusable_router_input():
     """A block whose router reads the raw stream (no norm of residual + attention) cannot route by quota."""
     model = torch.nn.Sequential(torch.nn.Identity(), DenseLoopMoE(32, 16, 4, 2))

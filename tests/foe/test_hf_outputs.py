@@ -43,6 +43,19 @@ def test_foe_mode_outputs(source):
                                             rel=1e-6)
 
 
+@torch.no_grad()
+def test_tuple_outputs_like_the_source(source):
+    expected = source(IDS, labels=IDS, output_hidden_states=True, output_router_logits=True, return_dict=False,
+                      use_cache=False)
+    model, _ = convert(fresh_copy(source), mode="exact")
+    got = model(IDS, labels=IDS, output_hidden_states=True, output_router_logits=True, return_dict=False,
+                use_cache=False)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert max_rel(x, y) <= EXACT_MAX_REL
+
+
 def test_output_attentions_is_refused(source):
     model, _ = convert(fresh_copy(source), mode="exact")
     with pytest.raises(ValueError, match="does not return attention weights"):

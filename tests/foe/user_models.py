@@ -55,10 +55,15 @@ class IndexAddLoopMoE(DenseLoopMoE):
 
 
 class UserBlock(nn.Module):
-    """Pre-norm GQA attention + MoE, written with standard ops."""
+    """Pre-norm GQA attention + MoE, written with standard ops. Variants the FoE form must refuse:
+    attention=False (an MoE block right after the previous one), post_norm=True (the MoE output
+    is normalised before the residual add, as in OLMo2)."""
 
-    def __init__(self, d: int, heads: int, kv_heads: int, moe: nn.Module) -> None:
+    def __init__(self, d: int, heads: int, kv_heads: int, moe: nn.Module, attention: bool = True,
+                 post_norm: bool = False) -> None:
         super().__init__()
+        self.attention = attention
+        self.post_norm = nn.RMSNorm(d, eps=1e-6) if post_norm else nn.Identity()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
         self.q = nn.Linear(d, d, bias=False)
@@ -68,25 +73,30 @@ class UserBlock(nn.Module):
         self.moe = moe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        h = self.norm1(x)
+        if self.attention:
+            x = x + self.attend(self.norm1(x))
+        return x + self.post_norm(self.moe(self.norm2(x)))
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
         q = self.q(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         rep = self.heads // self.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))
-        return x + self.moe(self.norm2(x))
+        return self.o(a.transpose(1, 2).reshape(B, T, -1))
 
 
 class UserMoETransformer(nn.Module):
     def __init__(self, moe_cls=DenseLoopMoE, vocab: int = 96, d: int = 32, layers: int = 2, heads: int = 4,
-                 kv_heads: int = 2, experts: int = 6, top_k: int = 2, inner: int = 24) -> None:
+                 kv_heads: int = 2, experts: int = 6, top_k: int = 2, inner: int = 24,
+                 without_attention: tuple[int, ...] = (), post_norm: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(UserBlock(d, heads, kv_heads, moe_cls(d, inner, experts, top_k))
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(UserBlock(d, heads, kv_heads, moe_cls(d, inner, experts, top_k),
+                                              attention=i not in without_attention, post_norm=post_norm)
+                                    for i in range(layers))
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.head = nn.Linear(d, vocab, bias=False)
 
