@@ -3,7 +3,8 @@
 `to_onnx(model, inputs, path)` captures the model like the FX path (torch.export, batch and
 sequence symbolic) and translates it with torch.onnx's exporter; the two foe:: ops are given as
 onnxscript functions that spell out reference.py's formulas with standard operators, so the
-file runs in any ONNX runtime without a custom-op library:
+file needs no custom-op library (tested in onnxruntime's CPU provider, fp32 and fp16; it has
+no bf16 kernels for several standard ops, so bf16 files do not run there):
 
     sum_route_dispatch  ReduceMean over groups, RMSNorm, MatMul, Softmax, TopK per expert block
                         (quota routing), renormalisation; the stable grouping by expert is a
@@ -67,7 +68,8 @@ def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: i
     num_experts = gate_up.shape[0]
     per_group = num_experts // num_groups
     top_k = op.Shape(ids, start=1, end=2)
-    out = [op.Mul(x, op.CastLike(op.Constant(value_float=0.0), x)) for _ in range(num_groups)]  # zeros [T, d]
+    # fp32 accumulators [T, d]: onnxruntime's ScatterND-add has no fp16 kernel; rounded to x's dtype once at the end
+    out = [op.Mul(op.Cast(x, to=FLOAT), op.Constant(value_float=0.0)) for _ in range(num_groups)]
     for e in range(num_experts):
         rows = op.Slice(pairs, op.Slice(offsets, _ints(e), _ints(e + 1)), op.Slice(offsets, _ints(e + 1), _ints(e + 2)))
         token, slot = op.Div(rows, top_k), op.Mod(rows, top_k)
@@ -77,9 +79,9 @@ def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: i
         y = op.Gemm(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Gather(down, expert, axis=0), transB=1)
         w = op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)), axis=-1))
         g = e // per_group
-        out[g] = op.ScatterND(out[g], op.Unsqueeze(token, _ints(-1)), op.Mul(y, op.Unsqueeze(w, _ints(-1))),
-                              reduction="add")
-    return op.Concat(*[op.Unsqueeze(o, _ints(0)) for o in out], axis=0)
+        update = op.Cast(op.Mul(y, op.Unsqueeze(w, _ints(-1))), to=FLOAT)
+        out[g] = op.ScatterND(out[g], op.Unsqueeze(token, _ints(-1)), update, reduction="add")
+    return op.CastLike(op.Concat(*[op.Unsqueeze(o, _ints(0)) for o in out], axis=0), x)
 
 
 TRANSLATIONS = {

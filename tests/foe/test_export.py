@@ -26,10 +26,14 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name, mode", [("olmoe-tiny", "foe"), ("qwen2-moe-tiny", "foe"), ("mixtral-tiny", "exact")])
-def test_onnx_of_converted_models(tmp_path, name, mode):
-    """olmoe: q/k norms over all heads; qwen2: shared experts and a dense layer; mixtral: E = 8, k = 2."""
-    model, _ = convert(builtin_model(name), mode=mode)
+@pytest.mark.parametrize("name, mode, dtype, tolerance", [
+    ("olmoe-tiny", "foe", torch.float32, EXACT_MAX_REL),
+    ("qwen2-moe-tiny", "foe", torch.float32, EXACT_MAX_REL),
+    ("mixtral-tiny", "exact", torch.float16, 5e-3),  # fp16 rounding; the experts accumulate in fp32 in ONNX
+])
+def test_onnx_of_converted_models(tmp_path, name, mode, dtype, tolerance):
+    """olmoe: q/k norms over all heads; qwen2: shared experts and a dense layer; mixtral: E = 8, k = 2, fp16."""
+    model, _ = convert(builtin_model(name, dtype=dtype), mode=mode)
     path = to_onnx(model, tokens(2, 9), tmp_path / f"{name}.onnx")
     proto = onnx.load(path)
     domains = {node.domain for node in proto.graph.node} | {f.domain for f in proto.functions}
@@ -37,7 +41,7 @@ def test_onnx_of_converted_models(tmp_path, name, mode):
     assert {"TopK", "ScatterND", "CumSum"} <= {node.op_type for node in proto.graph.node}
     for batch, length in SHAPES:
         ids = tokens(batch, length, seed=length)
-        assert max_rel(run_onnx(path, ids), logits(model, ids)) <= EXACT_MAX_REL
+        assert max_rel(run_onnx(path, ids).float(), logits(model, ids).float()) <= tolerance
 
 
 @torch.no_grad()
