@@ -15,7 +15,7 @@ from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import Family, family_of, is_supported_family
 from .generic import convert_generic
-from .report import CommunicationReport, ConversionReport, LayerReport
+from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 from .serialization import is_converted, mark_converted
 from .shape import ModelShape
 
@@ -92,10 +92,10 @@ def layer_reasons(i: int, shape: ModelShape, family: Family, config: FoEConfig) 
     reasons, notes = [], []
     if config.mode == "foe" and H > 1:
         if i in shape.moe_layers:
-            reasons.append(f"quota routing: top-{k // H} in each of {H} blocks of {E // H} experts, not global top-{k}")
+            reasons.append(quota_reason(k, H, E))
         c = H if config.attn_stream_scale is None else config.attn_stream_scale
         if i > 0:
-            reasons.append(f"group streams: attention reads r_full + {c:g}*m_h, the source r_full + sum_h m_h")
+            reasons.append(stream_reason(c))
     if family.qk_norm == "full_width" and H > 1:
         notes.append("q/k RMSNorm spans all heads: one extra cross-group sum-of-squares reduction")
     if config.mode == "exact" and H > 1:

@@ -10,6 +10,7 @@ with.
 """
 from __future__ import annotations
 
+import bisect
 import time
 
 import torch
@@ -26,9 +27,9 @@ from .families import FAMILIES
 from .passes import run_passes
 from .passes.find_gqa_attention import find_gqa_attention
 from .passes.find_moe_blocks import find_moe_blocks
-from .passes.matches import MOE_KEY
+from .passes.matches import ATTENTION_KEY, MOE_KEY
 from .passes.partition_groups import GROUPS_KEY, group_count
-from .report import CommunicationReport, ConversionReport, LayerReport
+from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 
 
 @torch.no_grad()
@@ -49,10 +50,9 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
     seconds = time.perf_counter() - start
     H = gm.meta[GROUPS_KEY]
     k, E, d = blocks[0].top_k, blocks[0].num_experts, int(blocks[0].hidden.meta["val"].shape[-1])
-    layers = [LayerReport(i, "moe", exact=not reasons, reasons=reasons,
-                          notes=[f"{b.kind} experts lowered to foe::experts_swiglu"])
-              for i, (b, reasons) in enumerate(zip(blocks, _approximations(blocks, H, config)))]
-    for layer, stats in zip(layers, _routing_stats(gm, blocks, args, kwargs)):
+    layers = _layer_reports(gm, blocks, H, config)
+    moe_layers = [layer for layer in layers if layer.kind == "moe"]
+    for layer, stats in zip(moe_layers, _routing_stats(gm, blocks, args, kwargs)):
         if stats is not None:
             layer.routing_agreement, layer.prob_mass_kept = stats
     report = ConversionReport(
@@ -79,19 +79,26 @@ def _main_output(out) -> Tensor:
     return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor))
 
 
-def _approximations(blocks: list, H: int, config: FoEConfig) -> list[list[str]]:
-    """Per MoE block (one per layer), why the FoE form differs from the source there."""
-    if config.mode == "exact" or H == 1:
-        return [[] for _ in blocks]
+def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) -> list[LayerReport]:
+    """One report per layer = per matched attention and the MLP after it (one per MoE block when
+    no attention was matched): whether it is exact and, in the FoE form, why not."""
+    attentions = gm.meta.get(ATTENTION_KEY, [])
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    starts = [position[a.group_heads[0] if a.group_heads else a.sdpa] for a in attentions]
+    moe_at = {max(0, bisect.bisect(starts, position[b.output]) - 1) if starts else i: b for i, b in enumerate(blocks)}
+    foe = config.mode == "foe" and H > 1
     c = H if config.attn_stream_scale is None else config.attn_stream_scale
-    reasons = []
-    for i, block in enumerate(blocks):
-        why = [f"quota routing: top-{block.top_k // H} in each of {H} blocks of {block.num_experts // H} experts, "
-               f"not global top-{block.top_k}"]
-        if i > 0 and blocks[i - 1].feeds_group_streams:
-            why.append(f"group streams: attention reads r + {c:g}*m_h, the source r + sum_h m_h")
-        reasons.append(why)
-    return reasons
+    layers = []
+    for i in range(max(len(attentions), max(moe_at) + 1)):
+        block, reasons = moe_at.get(i), []
+        if foe and block is not None:
+            reasons.append(quota_reason(block.top_k, H, block.num_experts))
+        if foe and i < len(attentions) and attentions[i].reads_group_streams:
+            reasons.append(stream_reason(c))
+        notes = [f"{block.kind} experts lowered to foe::experts_swiglu"] if block is not None else []
+        layers.append(LayerReport(i, "moe" if block is not None else "dense", exact=not reasons, reasons=reasons,
+                                  notes=notes))
+    return layers
 
 
 def _routing_stats(gm: fx.GraphModule, blocks: list, args: tuple, kwargs: dict) -> list[tuple[float, float] | None]:

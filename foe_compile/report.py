@@ -6,6 +6,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def quota_reason(top_k: int, num_groups: int, num_experts: int) -> str:
+    return (f"quota routing: top-{top_k // num_groups} in each of {num_groups} blocks of {num_experts // num_groups} "
+            f"experts, not global top-{top_k}")
+
+
+def stream_reason(attn_stream_scale: float) -> str:
+    return f"group streams: attention reads r_full + {attn_stream_scale:g}*m_h, the source r_full + sum_h m_h"
+
+
 @dataclass
 class LayerReport:
     index: int

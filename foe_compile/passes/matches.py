@@ -31,7 +31,6 @@ class MoEMatch:
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
     route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
     group_partials: fx.Node | None = None  # foe::experts_swiglu's [H, T, d] output, once lowered
-    feeds_group_streams: bool = False  # FoE form: the next attention reads r + c*m_h per group
 
 
 @dataclass
@@ -48,6 +47,7 @@ class AttentionMatch:
     head_dim: int
     # Set by partition_groups: group h's slice of the o_proj input (its heads), one per group.
     group_heads: list[fx.Node] = field(default_factory=list)
+    reads_group_streams: bool = False  # set by split_group_streams: group h reads r + c*m_h
 
 
 @dataclass

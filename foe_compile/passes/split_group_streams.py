@@ -25,7 +25,7 @@ from torch import fx
 from .fuse_sum_route_dispatch import match_rms_norm
 from .infra import (PASS_THROUGH, PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args,
                     skip_pass_through, val)
-from .matches import ATTENTION_KEY, DENSE_KEY, MOE_KEY, AttentionMatch, MoEMatch
+from .matches import ATTENTION_KEY, DENSE_KEY, MOE_KEY, AttentionMatch
 from .partition_groups import GROUPS_KEY
 
 
@@ -48,10 +48,9 @@ def split_group_streams(gm: fx.GraphModule, attn_stream_scale: float | None = No
         if following:  # none after the last layer: the final mean over groups is the shared stream
             attn = min(following, key=lambda a: position[a.sdpa])
             feeding.setdefault(id(attn), (attn, []))[1].append(contributor)
-            if isinstance(contributor, MoEMatch):
-                contributor.feeds_group_streams = True
     for attn, sources in feeding.values():
         _split(gm, sources, contributors, attn, H, c, position)
+        attn.reads_group_streams = True
     return PassResult("split_group_streams", len(feeding))
 
 

@@ -135,6 +135,19 @@ def test_assignment_equals_module_conversion(assignment):
 
 
 @torch.no_grad()
+def test_fx_report_layers_equal_the_module_conversion():
+    """Per layer (attention + MLP; qwen3-moe-tiny's layer 1 is dense): kind, exactness, reasons, agreement."""
+    model = builtin_model("qwen3-moe-tiny")
+    ids = tokens(2, 8)
+    _, report = convert_generic(model, FoEConfig(mode="foe"), [ids])
+    _, expected = convert(copy.deepcopy(model), mode="foe", calibration_inputs=ids)
+    summary = lambda r: [(layer.kind, layer.exact, layer.reasons, layer.routing_agreement)  # noqa: E731
+                         for layer in r.layers]
+    assert summary(report) == summary(expected)
+    assert [layer.kind for layer in report.layers] == ["moe", "dense", "moe"]
+
+
+@torch.no_grad()
 def test_one_layer_has_no_stream_to_split():
     """Quota routing still applies; the last (here: only) layer ends with the mean over groups."""
     torch.manual_seed(0)
