@@ -44,6 +44,8 @@ class FoEConfig:
                 f"FoEConfig.expert_assignment must be one of {_ASSIGNMENTS} or a permutation list, "
                 f"got {self.expert_assignment!r}"
             )
+        if self.mode == "exact" and self.attn_stream_scale is not None:
+            raise ValueError("attn_stream_scale only applies to mode='foe' (the exact form has one shared stream)")
         if self.report_gpus < 1:
             raise ValueError(f"FoEConfig.report_gpus must be >= 1, got {self.report_gpus}")
         # JSON round trips turn int keys into strings.

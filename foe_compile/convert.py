@@ -30,7 +30,8 @@ def convert(
     """Convert a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE causal LM in place, per instance.
 
     Any other MoE model goes through the FX path (foe_compile/generic.py): captured with
-    torch.export on `calibration_inputs`, rewritten to the exact form, returned as a GraphModule.
+    torch.export on `calibration_inputs`, rewritten by the passes to the requested form,
+    returned as a GraphModule.
 
     Weights become views of the source's (zero-copy; a calibrated expert permutation copies
     the experts it moves); works on the meta device. Keyword overrides update `config`.

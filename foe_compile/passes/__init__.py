@@ -46,8 +46,8 @@ def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "e
         lambda g: fuse_sum_route_dispatch(g, g.meta[GROUPS_KEY] if foe else 1),
         lambda g: lower_experts(g, g.meta[GROUPS_KEY]),
     ]
-    if expert_perms is not None and not foe:
-        raise ValueError("expert_perms only change the FoE form (quota routing); the exact form ignores them")
+    if not foe and (expert_perms is not None or attn_stream_scale is not None):
+        raise ValueError("expert_perms and attn_stream_scale only change the FoE form; the exact form takes neither")
     if foe:
         steps += [lambda g: assign_experts(g, expert_perms), split_dense_mlps, lambda g: split_group_streams(g, attn_stream_scale)]
     dump(gm, 0, "captured")

@@ -37,17 +37,19 @@ def fuse_sum_route_dispatch(gm: fx.GraphModule, quota_groups: int = 1) -> PassRe
         elif quota_groups > 1:
             raise ValueError(
                 f"the FoE form needs quota routing, but the MoE block whose router is {m.router_input.name!r} "
-                "does not read RMSNorm(residual + attention output), so it cannot be fused into "
+                "does not read RMSNorm(residual + attention output) with a constant eps (torch.compile(dynamic=True) "
+                "makes eps a graph input; leave dynamic at its default), so it cannot be fused into "
                 "foe::sum_route_dispatch; convert it with mode='exact'")
     return PassResult("fuse_sum_route_dispatch", fused)
 
 
 def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float, set[fx.Node]] | None:
     """(x, weight, eps, nodes of the norm) for aten.rms_norm or the HF decomposition
-    weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(dtype), x32 = x.to(float32)."""
+    weight * (x32 * rsqrt(mean(x32^2, -1) + eps)).to(dtype), x32 = x.to(float32). eps must be a
+    constant (under torch.compile(dynamic=True) it can be a graph input: no match then)."""
     if is_op(out, aten.rms_norm.default):
         eps = out.args[3] if len(out.args) > 3 and out.args[3] is not None else torch.finfo(val(out).dtype).eps
-        return out.args[0], out.args[2], float(eps), {out}
+        return (out.args[0], out.args[2], float(eps), {out}) if isinstance(eps, (int, float)) else None
     if not is_op(out, aten.mul.Tensor):
         return None
     weight, scaled = out.args
@@ -67,6 +69,8 @@ def match_rms_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, float, set[fx.Node]]
     if not is_op(power, aten.pow.Tensor_Scalar) or power.args[0] is not x32 or power.args[1] != 2:
         return None
     x = x32.args[0] if is_op(x32, *CASTS) else x32
+    if not isinstance(add.args[1], (int, float)):
+        return None
     return x, weight, float(add.args[1]), {out, scaled, inner, rs, add, mean, power, x32}
 
 

@@ -188,6 +188,8 @@ def test_foe_form_errors():
         convert(model, mode="foe", num_groups=2, calibration_inputs=ids)
     with pytest.raises(ValueError, match=r"attn_stream_scale must lie in \[1, H=2\], got 3"):
         convert(UserMoETransformer(DenseLoopMoE), mode="foe", attn_stream_scale=3.0, calibration_inputs=ids)
+    with pytest.raises(ValueError, match="attn_stream_scale only applies to mode='foe'"):
+        convert(UserMoETransformer(DenseLoopMoE), mode="exact", attn_stream_scale=1.0, calibration_inputs=ids)
     with pytest.raises(ValueError, match="only changes the FoE form"):
         convert(UserMoETransformer(DenseLoopMoE), mode="exact", expert_assignment="calibrated", calibration_inputs=ids)
     with pytest.raises(ValueError, match=r"must be a permutation of range\(6\)"):
