@@ -15,8 +15,10 @@ RMSNorm over a whole q or k projection (OLMoE's q/k norm) reads, in every clone,
 own heads from that group's clone: the cross-group sum of squares of the distributed form.
 The Hugging Face families convert at module level, where each group projects only its own
 heads; for all four the two forms agree up to summation order (tested).
-Whatever else sits between y and the attention (an MLP left whole, a residual scaling) stays
-in the shared stream.
+Graphs where "group h reads r + c*m_h" has no meaning are refused with an error rather than
+half rewritten (_check_region): another block between y and the attention, a non-linear op
+on y before it joins the residual stream (a post-MLP norm), or attention values also used
+outside the attention (a KV cache written by the compiled graph).
 """
 from __future__ import annotations
 
