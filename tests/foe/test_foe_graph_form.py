@@ -45,7 +45,8 @@ def foe_reference(model: UserMoETransformer, ids: torch.Tensor, H: int, c: float
             v = block.v(x).view(B, T, block.kv_heads, hd).transpose(1, 2).repeat_interleave(rep, 1)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)[:, h * per_group:(h + 1) * per_group]
             cols = slice(h * per_group * hd, (h + 1) * per_group * hd)
-            partials.append(H * F.linear(a.transpose(1, 2).reshape(B, T, -1), block.o.weight[:, cols]))
+            partial = H * F.linear(a.transpose(1, 2).reshape(B, T, -1), block.o.weight[:, cols])
+            partials.append(partial if block.o.bias is None else partial + block.o.bias)  # bias once after the mean
         r = torch.stack([r + H * m[h] + partials[h] for h in range(H)]).mean(0)  # the one all-reduce
         xn = block.norm2(r).reshape(B * T, d)
         E = len(block.moe.experts)
@@ -102,6 +103,17 @@ def test_graph_form_equals_module_conversion(name, c):
     assert count(gm, "foe.sum_route_dispatch") == moe_layers
     (route,) = {n.args[5] for n in gm.graph.nodes if "sum_route_dispatch" in str(n.target)}
     assert route == report.num_groups  # quota routing in every fused op
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", [dict(heads=4, kv_heads=4, experts=8), dict(bias=True)], ids=["mha", "bias"])
+def test_attention_variants_equal_the_equations(variant):
+    """Multi-head attention (one KV head per query head) and biased q/k/v/o projections."""
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=2, **variant).eval()
+    ids = tokens(2, 7, vocab=96)
+    gm, _ = convert(model, mode="foe", num_groups=2, calibration_inputs=ids)
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
 
 
 @torch.no_grad()

@@ -60,16 +60,16 @@ class UserBlock(nn.Module):
     is normalised before the residual add, as in OLMo2)."""
 
     def __init__(self, d: int, heads: int, kv_heads: int, moe: nn.Module, attention: bool = True,
-                 post_norm: bool = False) -> None:
+                 post_norm: bool = False, bias: bool = False) -> None:
         super().__init__()
         self.attention = attention
         self.post_norm = nn.RMSNorm(d, eps=1e-6) if post_norm else nn.Identity()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(d, kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
+        self.q = nn.Linear(d, d, bias=bias)
+        self.k = nn.Linear(d, kv_heads * self.head_dim, bias=bias)
+        self.v = nn.Linear(d, kv_heads * self.head_dim, bias=bias)
+        self.o = nn.Linear(d, d, bias=bias)
         self.moe = moe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,11 +91,11 @@ class UserBlock(nn.Module):
 class UserMoETransformer(nn.Module):
     def __init__(self, moe_cls=DenseLoopMoE, vocab: int = 96, d: int = 32, layers: int = 2, heads: int = 4,
                  kv_heads: int = 2, experts: int = 6, top_k: int = 2, inner: int = 24,
-                 without_attention: tuple[int, ...] = (), post_norm: bool = False) -> None:
+                 without_attention: tuple[int, ...] = (), post_norm: bool = False, bias: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(UserBlock(d, heads, kv_heads, moe_cls(d, inner, experts, top_k),
-                                              attention=i not in without_attention, post_norm=post_norm)
+                                              attention=i not in without_attention, post_norm=post_norm, bias=bias)
                                     for i in range(layers))
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.head = nn.Linear(d, vocab, bias=False)
