@@ -114,23 +114,21 @@ def skip_pass_through(node: fx.Node) -> fx.Node:
 
 def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
     """Every node that (transitively) uses one of `roots`, the roots excluded."""
-    seen, stack = set(), list(roots)
-    while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
+    return _reachable(roots, lambda n: n.users)
 
 
 def ancestors(node: fx.Node) -> set[fx.Node]:
     """Every node `node` (transitively) reads, itself excluded."""
-    seen, stack = set(), [node]
+    return _reachable([node], lambda n: n.all_input_nodes)
+
+
+def _reachable(roots: Iterable[fx.Node], step) -> set[fx.Node]:
+    seen, stack = set(), list(roots)
     while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
+        for n in step(stack.pop()):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
     return seen
 
 
