@@ -4,11 +4,16 @@
     placement-compile evaluate ../shared/data/iccad04/ibm01/ibm01.aux out/ibm01/ibm01.pl
     placement-compile generate data/v1-train --circuits 2000 --version v1 --workers 2
     placement-compile train runs/small --data data/v1-train --val data/v1-val --steps 10000
+
+A user mistake (a nonsensical number, a missing, broken or mismatched file, an --out that is a
+file) prints one line `placement-compile <command>: error: ...` and exits with status 2, with
+no traceback; internal errors still raise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,17 +25,55 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "small.pt"
 THREADS_HELP = "torch CPU threads (0: torch's default; 1 is fastest on small shared machines)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`prog: error: ...`), not the usage text plus it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _add_place(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="place the macros of a Bookshelf circuit")
     p.add_argument("aux", help="the circuit's .aux file (.gz files are read transparently)")
-    p.add_argument("--samples", type=int, default=8, help="B candidates sampled in one batch")
-    p.add_argument("--steps", type=int, default=100, help="diffusion steps (the paper uses 1000)")
-    p.add_argument("--guidance-steps", type=int, default=20, help="inner guidance Adam steps m")
-    p.add_argument("--legalizer-steps", type=int, default=5000, help="legalizer step budget (paper: 20000)")
-    p.add_argument("--out", default="out", help="output directory")
+    p.add_argument("--samples", type=POSITIVE, default=8, help="B candidates sampled in one batch")
+    p.add_argument("--steps", type=POSITIVE, default=100, help="diffusion steps (the paper uses 1000)")
+    p.add_argument("--guidance-steps", type=NON_NEGATIVE, default=20, help="inner guidance Adam steps m (0: none)")
+    p.add_argument("--legalizer-steps", type=NON_NEGATIVE, default=5000,
+                   help="legalizer step budget (paper: 20000; 0: no legalization)")
+    p.add_argument("--out", default="out", help="output directory (created if missing)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="denoiser weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--threads", type=NON_NEGATIVE, default=1, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -50,27 +93,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="training set written by `generate`")
     p.add_argument("--val", help="held-out set written by `generate` (validation loss)")
     p.add_argument("--model", default=d.model, choices=["small", "medium", "large"])
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch", type=int, default=d.batch, help="noisy copies per step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--steps", type=POSITIVE, default=d.steps)
+    p.add_argument("--batch", type=POSITIVE, default=d.batch, help="noisy copies per step")
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=d.seed)
+    p.add_argument("--val-every", type=POSITIVE, default=d.val_every)
+    p.add_argument("--ckpt-every", type=POSITIVE, default=d.ckpt_every)
+    p.add_argument("--threads", type=NON_NEGATIVE, default=1, help=THREADS_HELP)
     p.add_argument("--resume", action="store_true", help="continue from run_dir/last.pt")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a synthetic training set")
     p.add_argument("out_dir")
-    p.add_argument("--circuits", type=int, default=1000)
+    p.add_argument("--circuits", type=POSITIVE, default=1000)
     p.add_argument("--version", default="v1", choices=["v1", "v2"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--workers", type=POSITIVE, default=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="placement-compile", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="placement-compile", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_place, _add_evaluate, _add_train, _add_generate):
         add(sub)
@@ -119,12 +162,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (2 with one `error:` line for a user mistake)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # argparse: --help (0) or a usage mistake (2, its line already printed)
+        return int(done.code or 0)
     handlers = {"place": cmd_place, "evaluate": cmd_evaluate, "train": cmd_train, "generate": cmd_generate}
     try:
         return handlers[args.command](args)
-    except ValueError as err:
-        print(f"placement-compile {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input and unusable files; anything else is a bug and raises
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"placement-compile {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

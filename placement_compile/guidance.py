@@ -6,6 +6,7 @@ multiplier learned by dual ascent so that phi_legality approaches a small target
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,12 @@ class GuidanceConfig:
     alpha_t_max: float = 0.5  # the multiplier only learns for t below this
     kappa_min: float = 10.0
     kappa_max: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"guidance steps must be an integer >= 0 (0 disables guidance), got {self.steps!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.hpwl_weight) and self.hpwl_weight >= 0):
+            raise ValueError(f"guidance lr must be > 0 and hpwl_weight >= 0 (finite), got {self.lr!r}, {self.hpwl_weight!r}")
 
 
 class Guidance:

@@ -40,6 +40,14 @@ class LegalizerConfig:
     check_every: int = 50  # legality check (one host sync) every this many steps
     tolerance: float = 1e-6  # overlap / out-of-canvas slack (normalised units) counted as legal
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"legalizer steps must be an integer >= 0 (0 skips legalization), got {self.steps!r}")
+        if not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"legalizer check_every must be an integer >= 1, got {self.check_every!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"legalizer lr must be finite and > 0, got {self.lr!r}")
+
 
 def hard_violation(x: Tensor, sizes: Tensor, movable: Tensor) -> Tensor:
     """Largest overlap depth or canvas excursion per sample: x [B, V, 2] -> [B] (0 = legal).

@@ -19,13 +19,13 @@ Large 6,281,986 (6,285,058). :func:`published_parameter_count` adds the unused l
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from placement_compile.files import atomic_path, load_torch_file
 from placement_compile.gatv2 import GATv2, add_self_loops_mean
 from placement_compile.graph import PlacementGraph
 
@@ -211,18 +211,66 @@ def published_parameter_count(cfg: AttGNNConfig) -> int:
 
 
 def save_model(model: AttGNN, path: str, meta: dict | None = None) -> None:
-    """Write {"config", "state_dict" (fp32), "meta"} to path (loads with weights_only=True)."""
+    """Write {"config", "state_dict" (fp32), "meta"} to path (loads with weights_only=True), atomically."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"config": model.cfg.to_dict(), "state_dict": state, "meta": meta or {}}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"config": model.cfg.to_dict(), "state_dict": state, "meta": meta or {}}, tmp)
+
+
+def _config_from(path: str, config: object) -> AttGNNConfig:
+    """The AttGNNConfig of a checkpoint's "config" entry; ValueError naming the file if it is not one."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' is a {type(config).__name__}, expected a dict of AttGNNConfig fields")
+    known = [f.name for f in fields(AttGNNConfig)]
+    unknown = sorted(set(config) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {', '.join(map(repr, unknown))} (known: {', '.join(known)}); "
+                         f"was it written by another version? re-save it with save_model")
+    required = [f.name for f in fields(AttGNNConfig) if f.default is MISSING]
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(f"{path}: config lacks {', '.join(missing)}; re-save it with save_model")
+    bad = [k for k, v in config.items() if type(v) is not int or v < 1]
+    if bad:
+        raise ValueError(f"{path}: config {bad[0]} = {config[bad[0]]!r}; every AttGNNConfig field is an integer >= 1")
+    return AttGNNConfig(**config)
+
+
+def _check_state(path: str, model: AttGNN, state: object) -> None:
+    """ValueError (one line) unless `state` has exactly the model's tensors and shapes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
+    want = model.state_dict()
+    missing, unexpected = [k for k in want if k not in state], [k for k in state if k not in want]
+    wrong = [k for k in want if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != want[k].shape)]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape or type for", wrong)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ValueError(f"{path}: weights do not fit its config: {label} {', '.join(map(str, keys[:3]))}{more}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{path}: weight {nonfinite[0]} holds NaN or Inf; use an earlier checkpoint")
 
 
 def load_model(path: str) -> AttGNN:
-    """An AttGNN (eval mode) from a file written by :func:`save_model` or a training checkpoint."""
-    if not Path(path).is_file():
-        raise ValueError(f"checkpoint {path} not found; train one with `placement-compile train` or pass --checkpoint")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path} is not an AttGNN checkpoint (expected keys 'config' and 'state_dict')")
-    model = AttGNN(AttGNNConfig(**blob["config"]))
-    model.load_state_dict(blob["state_dict"])
+    """An AttGNN (eval mode) from a file written by :func:`save_model` or a training checkpoint
+    (`last.pt` of `train`). A missing, unreadable or inconsistent file raises one ValueError line."""
+    blob = load_torch_file(path, "checkpoint")
+    if isinstance(blob, dict) and {"model", "optimizer", "config"} <= blob.keys():  # train()'s last.pt
+        size = blob["config"].get("model") if isinstance(blob["config"], dict) else None
+        if size not in CONFIGS:
+            raise ValueError(f"{path}: training checkpoint with model size {size!r}; expected one of {sorted(CONFIGS)}")
+        cfg, state = CONFIGS[size], blob["model"]
+    elif not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        keys = f"keys {sorted(map(str, blob))}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise ValueError(f"{path} is not an AttGNN checkpoint (it holds {keys}; expected keys 'config' and "
+                         f"'state_dict'); train one with `placement-compile train` or pass --checkpoint")
+    else:
+        cfg, state = _config_from(path, blob["config"]), blob["state_dict"]
+    try:
+        model = AttGNN(cfg)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    _check_state(path, model, state)
+    model.load_state_dict(state)
     return model.eval()

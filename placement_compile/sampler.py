@@ -32,6 +32,12 @@ class PlaceConfig:
     legalizer: LegalizerConfig = field(default_factory=LegalizerConfig)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {self.samples!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"diffusion steps must be an integer >= 1, got {self.steps!r}")
+
 
 @dataclass
 class PlaceResult:
@@ -93,8 +99,6 @@ def select_best(legality: list[float], hpwl: list[float], tol: float = 1e-9) -> 
 
 def place(model: AttGNN, graph: PlacementGraph, cfg: PlaceConfig = PlaceConfig()) -> PlaceResult:
     """Sample, legalize and pick the best of cfg.samples placements of `graph` (seeded, CPU)."""
-    if cfg.samples < 1:
-        raise ValueError(f"samples must be >= 1, got {cfg.samples}")
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     if not bool((~graph.is_port.bool()).any()):

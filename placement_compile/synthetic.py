@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from placement_compile.files import atomic_path, load_torch_file
 from placement_compile.graph import PlacementGraph
 
 
@@ -247,7 +248,11 @@ def generate_dataset(
             f"need num_circuits >= 0, workers >= 1, shard_size >= 1; got {num_circuits}, {workers}, {shard_size}"
         )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is an existing file; give a directory (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
+    # meta.json marks a complete set: drop an old one first, so a failed rerun is not taken as complete.
+    (out / "meta.json").unlink(missing_ok=True)
     jobs = [(circuit_seed(seed, i), version) for i in range(num_circuits)]
     bar = tqdm(total=num_circuits, desc=f"synthetic {version}", unit="circuit")
     paths: list[Path] = []
@@ -255,7 +260,8 @@ def generate_dataset(
 
     def flush() -> None:
         paths.append(out / f"shard_{len(paths):05d}.pt")
-        torch.save(shard, paths[-1])
+        with atomic_path(paths[-1]) as tmp:
+            torch.save(shard, tmp)
         shard.clear()
 
     if workers == 1:
@@ -279,7 +285,8 @@ def generate_dataset(
             pool.close()
             pool.join()
     meta = {"version": version, "seed": seed, "num_circuits": num_circuits, "shards": [p.name for p in paths]}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    with atomic_path(out / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
     return paths
 
 
@@ -290,9 +297,22 @@ def load_dataset(path: str | Path) -> list[PlacementGraph]:
         meta = path / "meta.json"
         if not meta.exists():
             raise ValueError(f"{path} has no meta.json; is it a generate_dataset output directory?")
-        files = [path / name for name in json.loads(meta.read_text())["shards"]]
+        try:
+            files = [path / name for name in json.loads(meta.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{meta}: not a generate_dataset meta.json ({type(err).__name__}: {err}); "
+                             f"generate the set again") from err
     elif path.is_file():
         files = [path]
     else:
         raise ValueError(f"dataset path {path} does not exist")
-    return [graph_from_dict(d) for f in files for d in torch.load(f, weights_only=True)]
+    graphs = []
+    for f in files:
+        shard = load_torch_file(f, "dataset shard")
+        if not isinstance(shard, list) or not all(isinstance(d, dict) for d in shard):
+            raise ValueError(f"{f}: not a dataset shard (expected a list of circuit dicts); generate the set again")
+        try:
+            graphs += [graph_from_dict(d) for d in shard]
+        except TypeError as err:
+            raise ValueError(f"{f}: a circuit in this shard has the wrong fields ({err}); generate the set again") from err
+    return graphs

@@ -24,8 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from placement_compile.diffusion import denoising_loss
+from placement_compile.files import atomic_path, load_torch_file
 from placement_compile.graph import PlacementGraph
 from placement_compile.model import CONFIGS, AttGNN, DenoiserInputs, save_model
+
+
+_RESUME_KEYS = {"model", "optimizer", "generator", "history", "step", "config"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,19 @@ class TrainConfig:
     val_every: int = 250
     ckpt_every: int = 250
     val_batch: int = 16
+
+    def __post_init__(self) -> None:
+        positive = {"batch": self.batch, "warmup": self.warmup, "val_every": self.val_every,
+                    "ckpt_every": self.ckpt_every, "val_batch": self.val_batch}
+        bad = [f"{k} = {v!r}" for k, v in positive.items() if not isinstance(v, int) or v < 1]
+        if not isinstance(self.steps, int) or self.steps < 0:
+            bad.append(f"steps = {self.steps!r}")
+        for k, v in {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}.items():
+            if not math.isfinite(v) or v < 0 or (v == 0 and k != "weight_decay"):
+                bad.append(f"{k} = {v!r}")
+        if bad:
+            raise ValueError(f"TrainConfig: {', '.join(bad)}; steps must be >= 0, batch, warmup, val_every, "
+                             f"ckpt_every and val_batch >= 1, lr and grad_clip > 0, weight_decay >= 0 (all finite)")
 
 
 def _prepared(graphs: list[PlacementGraph]) -> list[tuple[DenoiserInputs, torch.Tensor]]:
@@ -81,7 +98,7 @@ def plot_losses(history: dict, path: Path) -> None:
     if losses or history["val_loss"]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -97,6 +114,8 @@ def train(train_graphs: list[PlacementGraph], val_graphs: list[PlacementGraph], 
     if cfg.model not in CONFIGS:
         raise ValueError(f"unknown model size {cfg.model!r}; choose one of {sorted(CONFIGS)}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run directory {out} is an existing file; give a directory (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = AttGNN(CONFIGS[cfg.model])
@@ -108,8 +127,12 @@ def train(train_graphs: list[PlacementGraph], val_graphs: list[PlacementGraph], 
         ckpt_path = out / "last.pt"
         if not ckpt_path.exists():
             raise ValueError(f"--resume given but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["config"] != asdict(cfg) | {"steps": ckpt["config"]["steps"]}:
+        ckpt = load_torch_file(ckpt_path, "training checkpoint")
+        missing = sorted(_RESUME_KEYS - ckpt.keys()) if isinstance(ckpt, dict) else sorted(_RESUME_KEYS)
+        if missing:
+            raise ValueError(f"{ckpt_path} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                             f"start a new run without --resume or in another directory")
+        if not isinstance(ckpt["config"], dict) or ckpt["config"] != asdict(cfg) | {"steps": ckpt["config"].get("steps")}:
             raise ValueError(f"{ckpt_path} was trained with a different config: {ckpt['config']}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -119,11 +142,15 @@ def train(train_graphs: list[PlacementGraph], val_graphs: list[PlacementGraph], 
     model.train()
 
     def checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                    "history": history, "step": step, "config": asdict(cfg)}, out / "last.pt")
+        # Every file is replaced atomically: an interrupted run leaves the previous complete set.
+        with atomic_path(out / "last.pt") as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "history": history, "step": step, "config": asdict(cfg)}, tmp)
         save_model(model, str(out / "model.pt"), {"step": step, "train_config": asdict(cfg)})
-        (out / "log.json").write_text(json.dumps({"config": asdict(cfg), "history": history}))
-        plot_losses(history, out / "loss.png")
+        with atomic_path(out / "log.json") as tmp:
+            tmp.write_text(json.dumps({"config": asdict(cfg), "history": history}))
+        with atomic_path(out / "loss.png") as tmp:
+            plot_losses(history, tmp)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
     while step < cfg.steps:

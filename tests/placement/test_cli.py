@@ -40,6 +40,8 @@ def test_place_ibm05_without_macros_is_a_valid_empty_result(tmp_path):
     report = json.loads((tmp_path / "ibm05.json").read_text())
     assert report["placed"]["num_macros"] == 0
     assert report["placed"]["macro_legality"] == 1.0
+    assert report["warnings"] == ["ibm05 has no macros (no movable node taller than a row, 16): nothing was placed; "
+                                  "the .pl repeats the input placement"]
     assert report["placed"]["hpwl_full_bookshelf_units"] == pytest.approx(
         report["input_placement"]["hpwl_full_bookshelf_units"])
     back = read_bookshelf(aux, pl=tmp_path / "ibm05.pl")

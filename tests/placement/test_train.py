@@ -34,3 +34,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a["history"]["train_loss"] == b["history"]["train_loss"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # load_model reads a training checkpoint (last.pt) as well as model.pt
+    from_last, from_model = load_model(str(tmp_path / "split" / "last.pt")), load_model(str(tmp_path / "split" / "model.pt"))
+    for key, value in from_last.state_dict().items():
+        assert torch.equal(value, from_model.state_dict()[key]), key
