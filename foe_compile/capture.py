@@ -1,7 +1,6 @@
 """Capture: a model, decoder layer or Dynamo graph -> an ATen graph in pre-dispatch IR."""
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -32,22 +31,41 @@ def aten_graph_from_dynamo(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.
         fake_mode.allow_non_fake_inputs = previous
 
 
+class Positional(nn.Module):
+    """`model` called with positional inputs only, and `fixed` keyword arguments baked in.
+
+    What the FX path captures: the captured program then takes exactly the inputs the user gives
+    (no `use_cache=False` to repeat on every call), and models whose forward takes `**kwargs`
+    (Granite's) capture like any other."""
+
+    def __init__(self, model: nn.Module, fixed: dict | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.fixed = dict(fixed or {})
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*args, **self.fixed)
+
+
 def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
                 dynamic: bool = False) -> torch.export.ExportedProgram:
     """torch.export (non-strict) of a model or decoder layer without KV cache.
 
-    dynamic=True lets every tensor dimension stay symbolic where the model allows it
-    (torch.export.Dim.AUTO), so the result runs at other batch sizes and sequence lengths; sizes
-    of 1 in the example inputs stay symbolic too (size-oblivious guards), so a [1, T] example
-    does not pin the batch to 1."""
+    dynamic=True lets every dimension of the positional tensor inputs stay symbolic where the
+    model allows it (torch.export.Dim.AUTO), so the result runs at other batch sizes and sequence
+    lengths. Where an example dimension is 1, size-oblivious guards keep it symbolic (a [1, T]
+    example does not pin the batch to 1); otherwise they are left off, since they turn branches
+    such as `batch != 1` in library code into guards that then reject batch 1."""
     kwargs = kwargs or {}
     if not dynamic:
         return torch.export.export(module, args, kwargs=kwargs, strict=False)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    shapes = {name: ({i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor)
-                     else None) for name, value in bound.items()}
-    with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    if not isinstance(module, Positional):
+        module = Positional(module, kwargs)
+    shapes = tuple({i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
+                   for a in args)
+    has_unit_dim = any(isinstance(a, torch.Tensor) and 1 in a.shape for a in args)
+    with fx_config.patch(backed_size_oblivious=has_unit_dim):
+        return torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)  # one spec: *args
 
 
 def capture_kwargs(model: nn.Module) -> dict:

@@ -11,6 +11,8 @@ with.
 from __future__ import annotations
 
 import bisect
+import copy
+import logging
 import time
 
 import torch
@@ -20,39 +22,116 @@ from torch import Tensor, fx, nn
 
 from . import assignment
 from .calibration import agreement_sums, max_rel_error, rel_error
-from .capture import capture_kwargs, export_aten
+from .capture import Positional, capture_kwargs, export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
 from .passes import run_passes
 from .passes.find_gqa_attention import find_gqa_attention
 from .passes.find_moe_blocks import find_moe_blocks
-from .passes.matches import ATTENTION_KEY, MOE_KEY
+from .passes.matches import ATTENTION_KEY, MOE_KEY, UNTOUCHED_KEY
 from .passes.partition_groups import GROUPS_KEY, group_count
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
+from .validation import max_relative_error, sample_inputs, tensor_leaves, tolerance
+
+log = logging.getLogger(__name__)
+
+
+class ConvertedGraph(nn.Module):
+    """What the FX path returns: the source's computation, captured by torch.export and rewritten
+    by the passes, callable with the capture's positional inputs.
+
+    Library code branches on sizes (a batch of 1, a single token), so one captured graph may hold
+    only for some shapes (its guards say which). A call whose inputs fail every graph's guards
+    captures, rewrites and validates one more graph for them, from the source model (its weights
+    are shared, never copied), like a torch.compile recompile. `graph_module` is the first graph;
+    `graphs` holds all of them."""
+
+    def __init__(self, first: fx.GraphModule, build) -> None:
+        super().__init__()
+        self.graphs = nn.ModuleList([first])
+        self._build = build  # (args) -> (GraphModule, ConversionReport); holds the source model
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.graphs[0]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graphs[0].graph
+
+    @property
+    def meta(self) -> dict:
+        return self.graphs[0].meta
+
+    def forward(self, *args):
+        for gm in self.graphs:
+            if _guards_hold(gm, args):
+                return gm(*args)
+        log.info("inputs of shapes %s fail the guards of %d captured graph(s): capturing another",
+                 [tuple(a.shape) for a in args if isinstance(a, Tensor)], len(self.graphs))
+        gm, _ = self._build(args)
+        self.graphs.append(gm)
+        return gm(*args)
+
+
+def _guards_hold(gm: fx.GraphModule, args: tuple) -> bool:
+    flat = fx_pytree.tree_flatten_spec((list(args), {}), gm._in_spec)
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None:
+        return True
+    try:
+        guards(*flat)
+    except AssertionError:  # what torch.export's guard function raises on a failed guard
+        return False
+    return True
 
 
 @torch.no_grad()
-def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) -> tuple[fx.GraphModule, ConversionReport]:
+def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) -> tuple[ConvertedGraph, ConversionReport]:
     name = type(model).__name__
     if not example:
         raise ValueError(f"converting {name} through the FX path needs calibration_inputs (example inputs to capture)")
+    source = Positional(model, capture_kwargs(model))  # the user calls the result with positional inputs only
+
+    def build(args: tuple) -> tuple[fx.GraphModule, ConversionReport]:
+        return _convert_at(source, name, config, tuple(args))
+
+    gm, report = build(tuple(example))
+    return ConvertedGraph(gm, build), report
+
+
+def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) -> tuple[fx.GraphModule, ConversionReport]:
+    """Capture `source` at `args`, rewrite, validate, report."""
+    if config.mode != "foe" and config.expert_assignment != "contiguous":
+        raise ValueError(f"expert_assignment={config.expert_assignment!r} only changes the FoE form (quota routing); "
+                         "in exact mode use the default 'contiguous'")
     start = time.perf_counter()
-    args = tuple(example) if len(example) > 1 else (example[0],)
-    kwargs = capture_kwargs(model)
-    gm = export_aten(model, args, kwargs, dynamic=True).module()
-    perms = _expert_permutations(gm, config, args, kwargs)
-    results = run_passes(gm, config.num_groups, config.mode, config.attn_stream_scale, perms)
-    blocks = gm.meta.get(MOE_KEY, [])
+    captured = export_aten(source, args, dynamic=True).module()
+    samples = sample_inputs(args)
+    references = [tensor_leaves(captured(*s)) for s in samples]
+    tol = tolerance(references[0])
+    # Translation validation of the exact rewrites (what every form is built from): a block whose
+    # rewrite changes the outputs is left as written, with the measured error as its reason.
+    exact_groups = config.num_groups if config.mode == "exact" else None
+    gm, results, error, left = _validated_exact(captured, exact_groups, samples, references, tol)
+    if config.mode == "foe":
+        perms = _expert_permutations(_copy(captured), config, args)
+        gm = _copy(captured)
+        results = run_passes(gm, config.num_groups, "foe", config.attn_stream_scale, perms, leave=left)
+    else:
+        perms = None
+    blocks, untouched = gm.meta.get(MOE_KEY, []), gm.meta.get(UNTOUCHED_KEY, [])
     if not blocks:
-        raise ValueError(f"no MoE block found in {name}: the FX path needs a router (linear -> softmax -> topk) "
-                         f"followed by SwiGLU experts; Hugging Face families converted directly: {sorted(FAMILIES)}")
+        why = "; ".join(f"{router}: {reason}" for router, reason in untouched) or "no router (linear -> top-k) found"
+        raise ValueError(f"no MoE block of {name} can be rewritten exactly ({why}); Hugging Face families converted "
+                         f"directly: {sorted(FAMILIES)}")
     seconds = time.perf_counter() - start
     H = gm.meta[GROUPS_KEY]
     k, E, d = blocks[0].top_k, blocks[0].num_experts, int(blocks[0].hidden.meta["val"].shape[-1])
     layers = _layer_reports(gm, blocks, H, config)
     moe_layers = [layer for layer in layers if layer.kind == "moe"]
-    for layer, stats in zip(moe_layers, _routing_stats(gm, blocks, args, kwargs)):
+    for layer, stats in zip(moe_layers, _routing_stats(gm, blocks, args)):
         if stats is not None:
             layer.routing_agreement, layer.prob_mass_kept = stats
     report = ConversionReport(
@@ -61,22 +140,59 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
         attn_stream_scale=config.attn_stream_scale, conversion_seconds=seconds, layers=layers,
         communication=CommunicationReport(config.report_gpus, d, len(blocks), ep_volume(k, config.report_gpus),
                                           foe_volume(k, H, config.report_gpus), exact_volume(k, H, config.report_gpus)),
+        untouched_blocks=[f"{router}: {reason}" for router, reason in untouched],
+        validation_tolerance=tol,
     )
+    report.validation_error = error if config.mode == "exact" else max_relative_error(gm, references, samples)
     gm.meta["foe_pass_results"] = results
     gm.meta["foe_expert_assignments"] = perms or [list(range(b.num_experts)) for b in blocks]
-    reference, converted = _main_output(model(*args, **kwargs)), _main_output(gm(*args, **kwargs))
+    reference, converted = _main_output(references[0]), _main_output(tensor_leaves(gm(*args)))
     report.logits_rel_error = rel_error([converted], [reference])
     report.logits_max_rel_error = max_rel_error([converted], [reference])
     return gm, report
 
 
-def _main_output(out) -> Tensor:
-    """The tensor to compare: logits of a Hugging Face output, else the first tensor returned."""
-    if isinstance(out, Tensor):
-        return out
-    if getattr(out, "logits", None) is not None:
-        return out.logits
-    return next(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor))
+def _validated_exact(captured: fx.GraphModule, num_groups: int | None, samples: list[tuple],
+                     references: list[list[Tensor]], tol: float):
+    """The exact rewrite of `captured`, with every block whose rewrite changes the outputs left as
+    written: (graph, pass results, measured error, {block index: reason})."""
+    def attempt(leave: dict[int, str]):
+        gm = _copy(captured)
+        results = run_passes(gm, num_groups, "exact", leave=leave)
+        return gm, results, max_relative_error(gm, references, samples)
+
+    gm, results, error = attempt({})
+    if error <= tol:
+        return gm, results, error, {}
+    # Find the culprits: each block rewritten alone (the others left as written).
+    count = len(gm.meta[MOE_KEY]) + len(gm.meta[UNTOUCHED_KEY])
+    left = {}
+    for i in range(count):
+        alone_error = attempt({j: "" for j in range(count) if j != i})[2]
+        if alone_error > tol:
+            left[i] = (f"rewrite failed translation validation (max relative error {alone_error:.2e} > {tol:.0e}); "
+                       "left as written")
+    log.warning("translation validation undid %d MoE block rewrite(s): %s", len(left), left)
+    gm, results, error = attempt(left)
+    if error > tol:
+        raise RuntimeError(f"internal error: the rewrite still differs from the source by {error:.2e} with every "
+                           "failing block left as written; please report this model")
+    return gm, results, error, left
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the captured graph that shares its weights (the passes rewrite the copy)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new
+
+
+def _main_output(outputs: list[Tensor]) -> Tensor:
+    """The tensor to compare: the first tensor returned (a Hugging Face output's logits)."""
+    return outputs[0]
 
 
 def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) -> list[LayerReport]:
@@ -101,11 +217,11 @@ def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) 
     return layers
 
 
-def _routing_stats(gm: fx.GraphModule, blocks: list, args: tuple, kwargs: dict) -> list[tuple[float, float] | None]:
+def _routing_stats(gm: fx.GraphModule, blocks: list, args: tuple) -> list[tuple[float, float] | None]:
     """Per MoE block, the converted graph's routing on the capture inputs against the global top-k
     of the same router scores: (agreement, probability mass kept); None where not fused."""
     fused = [b.route for b in blocks if b.route is not None]
-    recorded = _node_values(gm, fused + [r.args[4] for r in fused], args, kwargs)  # outputs, router weights
+    recorded = _node_values(gm, fused + [r.args[4] for r in fused], args)  # outputs, router weights
     values = {route: (out, weight) for route, out, weight in zip(fused, recorded, recorded[len(fused):])}
     stats = []
     for block in blocks:
@@ -119,27 +235,24 @@ def _routing_stats(gm: fx.GraphModule, blocks: list, args: tuple, kwargs: dict) 
     return stats
 
 
-def _expert_permutations(gm: fx.GraphModule, config: FoEConfig, args: tuple, kwargs: dict) -> list[list[int]] | None:
+def _expert_permutations(gm: fx.GraphModule, config: FoEConfig, args: tuple) -> list[list[int]] | None:
     """One permutation per MoE block (graph order) for a non-contiguous assignment; calibrated
     assignment measures co-selection on the capture inputs with the source's global top-k."""
     chosen = config.expert_assignment
     if chosen == "contiguous":
         return None
-    if config.mode != "foe":
-        raise ValueError(f"expert_assignment={chosen!r} only changes the FoE form (quota routing); "
-                         "in exact mode use the default 'contiguous'")
     find_moe_blocks(gm)
     find_gqa_attention(gm)
     blocks = gm.meta[MOE_KEY]
     if not isinstance(chosen, str):
         return [assignment.check_permutation(chosen, b.num_experts) for b in blocks]
     H = group_count(gm, config.num_groups, "foe")
-    picks = _node_values(gm, [b.ids for b in blocks], args, kwargs)
+    picks = _node_values(gm, [b.ids for b in blocks], args)
     return [assignment.calibrated(assignment.co_selection(p, b.num_experts), H) for p, b in zip(picks, blocks)]
 
 
-def _node_values(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: dict) -> list[Tensor]:
-    """Run the graph on (args, kwargs) and return the values of `nodes`."""
+def _node_values(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple) -> list[Tensor]:
+    """Run the graph on `args` and return the values of `nodes`."""
     wanted, values = set(nodes), {}
 
     class Recorder(fx.Interpreter):
@@ -149,5 +262,5 @@ def _node_values(gm: fx.GraphModule, nodes: list[fx.Node], args: tuple, kwargs: 
                 values[n] = out
             return out
 
-    Recorder(gm).run(*fx_pytree.tree_flatten_spec((list(args), kwargs), gm._in_spec))
+    Recorder(gm).run(*fx_pytree.tree_flatten_spec((list(args), {}), gm._in_spec))
     return [values[n] for n in nodes]

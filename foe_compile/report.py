@@ -57,13 +57,37 @@ class ConversionReport:
     logits_max_rel_error: float | None = None  # max |diff| / max |logits_src|
     next_token_agreement: float | None = None  # argmax agreement with the source
     calibration_tokens: int = 0
+    untouched_blocks: list[str] = field(default_factory=list)  # "router: why" for MoE blocks left as written
+    # Translation validation: max |converted - source| / max |source| over every output, on the
+    # capture/calibration inputs and random inputs of their shapes; None = not measured (meta device).
+    validation_error: float | None = None
+    validation_tolerance: float | None = None
+
+    @property
+    def structurally_exact(self) -> bool:
+        """Every layer's rewrite is exact by construction (no quota routing, no group streams)."""
+        return all(layer.exact for layer in self.layers)
 
     @property
     def exact(self) -> bool:
-        return all(layer.exact for layer in self.layers)
+        """Exact by construction AND measured so: the validation error is within the tolerance."""
+        return (self.structurally_exact and self.validation_error is not None
+                and self.validation_tolerance is not None and self.validation_error <= self.validation_tolerance)
+
+    def exactness(self) -> str:
+        """One line: exact or not, and the measured number behind it."""
+        if self.validation_error is None:
+            measured = "outputs not measured against the source"
+        else:
+            sign = "<=" if self.validation_error <= (self.validation_tolerance or 0.0) else ">"
+            measured = (f"measured max rel err {self.validation_error:.2e} {sign} tolerance "
+                        f"{self.validation_tolerance:.0e}")
+        verdict = "exact" if self.exact else ("exact structure, unverified" if self.structurally_exact
+                                              and self.validation_error is None else "NOT exact")
+        return f"{verdict}: {measured}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "exact": self.exact, "structurally_exact": self.structurally_exact}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -73,7 +97,7 @@ class ConversionReport:
         lines = [
             f"{self.model_type}: mode={self.mode} H={self.num_groups} E={self.num_experts} k={self.top_k} "
             f"assignment={self.expert_assignment} converted in {self.conversion_seconds:.3f} s "
-            f"({'exact' if self.exact else 'approximate'})",
+            f"({self.exactness()})",
             f"{'layer':>5} {'kind':>5} {'exact':>5} {'agree':>6} {'mass':>6} {'h err':>9}  why",
         ]
         for lr in self.layers:
@@ -82,6 +106,7 @@ class ConversionReport:
                 f"{lr.index:>5} {lr.kind:>5} {'yes' if lr.exact else 'no':>5} {fmt(lr.routing_agreement, '6.3f'):>6} "
                 f"{fmt(lr.prob_mass_kept, '6.3f'):>6} {fmt(lr.hidden_rel_error, '9.2e'):>9}  {why}"
             )
+        lines += [f"  left as written: {why}" for why in self.untouched_blocks]
         if self.logits_rel_error is not None:
             on = f"{self.calibration_tokens} tokens" if self.calibration_tokens else "the calibration inputs"
             lines.append(

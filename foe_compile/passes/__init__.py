@@ -20,27 +20,30 @@ from torch import fx
 
 from .assign_experts import assign_experts
 from .find_gqa_attention import find_gqa_attention
-from .find_moe_blocks import UnrecognisedMoE, find_moe_blocks
+from .find_moe_blocks import find_moe_blocks
 from .fuse_sum_route_dispatch import fuse_sum_route_dispatch
 from .infra import PassResult, cleanup, dump
+from .matches import MOE_KEY, UNTOUCHED_KEY
 from .lower_experts import lower_experts
 from .partition_groups import GROUPS_KEY, partition_groups
 from .split_dense_mlps import split_dense_mlps
 from .split_group_streams import split_group_streams
 
-__all__ = ["PassResult", "UnrecognisedMoE", "run_passes"]
+__all__ = ["PassResult", "run_passes"]
 
 
 def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "exact",
-               attn_stream_scale: float | None = None, expert_perms: list[list[int]] | None = None
-               ) -> list[PassResult]:
+               attn_stream_scale: float | None = None, expert_perms: list[list[int]] | None = None,
+               leave: dict[int, str] | None = None) -> list[PassResult]:
     """Run the pipeline in place; returns each pass's result. See the module docstring.
-    expert_perms (FoE form): one expert permutation per MoE block, in graph order."""
+    expert_perms (FoE form): one expert permutation per MoE block, in graph order.
+    leave: MoE blocks (index in graph order -> why) to leave as written, e.g. rewrites that failed
+    translation validation; they join find_moe_blocks' own refusals in gm.meta[UNTOUCHED_KEY]."""
     if mode not in ("exact", "foe"):
         raise ValueError(f"mode must be 'exact' or 'foe', got {mode!r}")
     foe = mode == "foe"
     steps = [
-        find_moe_blocks,
+        lambda g: _find_and_leave(g, leave or {}, foe),
         find_gqa_attention,
         lambda g: partition_groups(g, num_groups, mode),
         lambda g: fuse_sum_route_dispatch(g, g.meta[GROUPS_KEY] if foe else 1),
@@ -59,3 +62,18 @@ def run_passes(gm: fx.GraphModule, num_groups: int | None = None, mode: str = "e
         dump(gm, i, result.name)
         results.append(result)
     return results
+
+
+def _find_and_leave(gm: fx.GraphModule, leave: dict[int, str], foe: bool) -> PassResult:
+    """find_moe_blocks, minus the blocks to leave as written. The FoE form needs every MoE block in
+    the fused op (quota routing, group streams): an untouched one makes it impossible, so say why."""
+    result = find_moe_blocks(gm)
+    blocks = gm.meta[MOE_KEY]
+    gm.meta[UNTOUCHED_KEY] += [(blocks[i].router_weight.name, why) for i, why in sorted(leave.items())]
+    gm.meta[MOE_KEY] = [b for i, b in enumerate(blocks) if i not in leave]
+    untouched = gm.meta[UNTOUCHED_KEY]
+    if foe and untouched:
+        why = "; ".join(f"{name}: {reason}" for name, reason in untouched)
+        raise ValueError(f"the FoE form needs every MoE block rewritten, but {len(untouched)} cannot be ({why}); "
+                         "convert with mode='exact' (those blocks then stay as written)")
+    return PassResult(result.name, len(gm.meta[MOE_KEY]))

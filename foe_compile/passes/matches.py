@@ -9,13 +9,14 @@ MOE_KEY = "foe_moe_blocks"
 ATTENTION_KEY = "foe_attention"
 PARTIALS_KEY = "foe_partials"  # attention output node -> its per-group partials [H, ..., d]
 DENSE_KEY = "foe_dense_splits"
+UNTOUCHED_KEY = "foe_untouched_blocks"  # [(router node name, why the block was left as written)]
 
 
 @dataclass
 class MoEMatch:
     """One MoE block: router -> top-k -> SwiGLU experts -> weighted combine."""
 
-    kind: str  # "grouped_mm" (transformers v5), "index_add_loop" (v4 style), "dense_loop" (user block)
+    kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop"
     hidden: fx.Node  # experts' input [..., d]
     router_input: fx.Node  # what the router linear reads (a view of `hidden`)
     router_weight: fx.Node  # [E, d]

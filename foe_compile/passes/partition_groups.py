@@ -39,6 +39,11 @@ def group_count(gm: fx.GraphModule, num_groups: int | None, mode: str) -> int:
     counts = [a.num_kv_heads for a in attentions] + [b.num_experts for b in blocks]
     if mode == "foe":  # quota routing: k/H picks per group
         counts += [b.top_k for b in blocks]
+    if mode == "foe" and blocks and not attentions and num_groups is None:
+        raise ValueError(
+            "the FoE form groups experts by KV head, but no attention the passes recognise was found (q/k/v/o "
+            "linear projections around scaled_dot_product_attention; gated, MLA, linear-attention and Mamba mixers "
+            "are not defined for FoE yet), so H would silently be 1; convert with mode='exact' (or ask for num_groups explicitly)")
     H = num_groups if num_groups is not None else (math.gcd(*counts) if blocks and attentions else 1)
     if any(c % H for c in counts):
         what = "KV-head, expert and top-k counts" if mode == "foe" else "KV-head and expert counts"

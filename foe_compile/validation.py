@@ -1,0 +1,83 @@
+"""Translation validation: a rewrite is kept only if it computes what the source computes.
+
+The FX path runs the captured (unrewritten) graph and the rewritten one on the same sample
+inputs (the capture inputs and random inputs of the captured shapes) and compares every tensor
+output. The error measure is max |rewritten - source| / max |source| over all outputs; a
+rewrite is exact when that is within the tolerance of the outputs' dtype (TOLERANCE), which
+only allows for summation order and the fp32 router softmax the fused op always uses.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# Max relative error allowed for an "exact" rewrite, per output dtype.
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float32: 1e-5,
+    torch.float64: 1e-10,
+    # Reduced precision: the fused op accumulates in fp32 where the source may round per step, and
+    # a near-tie in the router can then pick another expert for a token (one ulp of bf16 is 8e-3).
+    torch.bfloat16: 3e-2,
+    torch.float16: 5e-3,
+}
+
+
+def tolerance(outputs: Sequence[Tensor]) -> float:
+    """The loosest tolerance among the outputs' floating dtypes (fp32's when there is none)."""
+    dtypes = {t.dtype for t in outputs if t.is_floating_point()} or {torch.float32}
+    return max(TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes)
+
+
+def tensor_leaves(out) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def sample_inputs(args: tuple, count: int = 2, seed: int = 0) -> list[tuple]:
+    """The capture inputs plus `count` random inputs of the same shapes and dtypes: integer tensors
+    (token ids) drawn from the range the example spans, floating tensors with its mean and std."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = [tuple(args)]
+    for _ in range(count):
+        samples.append(tuple(_like(a, gen) for a in args))
+    return samples
+
+
+def _like(a, gen: torch.Generator):
+    if not isinstance(a, Tensor) or a.numel() == 0:
+        return a
+    if a.dtype == torch.bool:
+        return a.clone()  # masks: keep the user's pattern
+    if not a.is_floating_point():
+        lo, hi = int(a.min()), int(a.max())
+        return torch.randint(lo, hi + 1, a.shape, generator=gen, dtype=a.dtype).to(a.device)
+    std = float(a.float().std()) if a.numel() > 1 else 1.0
+    noise = torch.randn(a.shape, generator=gen) * (std if std > 0 else 1.0) + float(a.float().mean())
+    return noise.to(device=a.device, dtype=a.dtype)
+
+
+@torch.no_grad()
+def max_relative_error(candidate: Callable, reference_outputs: list[list[Tensor]], inputs: list[tuple]) -> float:
+    """max over samples and outputs of max|candidate - reference| / max|reference| (inf on a shape
+    mismatch or a NaN where the reference has none)."""
+    worst = 0.0
+    for sample, ref in zip(inputs, reference_outputs):
+        got = tensor_leaves(candidate(*sample))
+        if len(got) != len(ref):
+            return float("inf")
+        for g, r in zip(got, ref):
+            if g.shape != r.shape:
+                return float("inf")
+            if not r.is_floating_point():
+                if not torch.equal(g, r):
+                    return float("inf")
+                continue
+            g, r = g.double(), r.double()
+            if not torch.equal(torch.isnan(g), torch.isnan(r)):
+                return float("inf")
+            finite = ~torch.isnan(r)
+            scale = r[finite].abs().max() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
+            diff = (g[finite] - r[finite]).abs().max() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
+            worst = max(worst, float(diff / scale) if scale > 0 else float(diff))
+    return worst
