@@ -132,14 +132,27 @@ def build_report(model, family, shape, config, seconds, source, batches) -> Conv
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load a converted model saved with save_pretrained (source layout + config.foe)."""
+    """Load a converted model saved with save_pretrained (source layout + config.foe).
+
+    Refuses, with a ValueError naming the file, a `foe` section with missing or unknown keys,
+    another schema version or settings edited after saving (serialization.py), and a
+    checkpoint that lacks weights the model needs (transformers would initialise them randomly).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .serialization import foe_config_from_section
 
     hf_config = AutoConfig.from_pretrained(path)
     foe = getattr(hf_config, "foe", None)
-    if not isinstance(foe, dict):
+    if foe is None:
         raise ValueError(f"{path} holds no converted model (config.json has no 'foe' section); use convert()")
+    config = foe_config_from_section(foe, os.path.join(path, "config.json"))
     del hf_config.foe
-    model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)
-    model, _ = convert(model, FoEConfig.from_dict(foe))
+    kwargs.pop("output_loading_info", None)
+    model, info = AutoModelForCausalLM.from_pretrained(path, config=hf_config, output_loading_info=True, **kwargs)
+    lost = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
+    if lost:
+        raise ValueError(f"{path}: the checkpoint lacks {len(lost)} weight(s) the model needs (e.g. {lost[0]}); "
+                         f"it is incomplete or belongs to another model")
+    model, _ = convert(model, config)
     return model

@@ -1,19 +1,40 @@
 """Saving and loading converted models.
 
 A converted model saves in the *source* layout (the checkpoint plain transformers loads as the
-source model) plus `config.foe`, the resolved FoEConfig with every layer's expert assignment.
-Loading rebuilds the source model and converts it again with that config: lossless, because
-conversion only partitions weights.
+source model) plus `config.foe`, the resolved FoEConfig with every layer's expert assignment,
+its schema version and a checksum of both. Loading checks the section (foe_config_from_section)
+and converts the source model again with that config: lossless, because conversion only
+partitions weights.
+
+Saving refuses, before writing anything, a path that is a file and weights on the meta device,
+and writes into a fresh directory beside the target that is then moved into place, so an
+interrupted save never leaves a directory that looks complete (publish_directory).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .config import FoEConfig
 from .hf_outputs import converted_forward
 from .models import FoEDenseMLP, FoEMoE
+
+FOE_SCHEMA_VERSION = 1
+_SECTION_KEYS = ("schema_version", "checksum")
+# Files save_pretrained writes for the weights; stale ones are removed when saving over a directory.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 _CONVERTED_CLASSES: dict[type, type] = {}
 
@@ -69,13 +90,106 @@ def _mlp_state(mlp: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def foe_section(config: FoEConfig) -> dict[str, Any]:
+    """config.json's `foe` section: the FoE settings plus schema_version and a checksum of both."""
+    section = {"schema_version": FOE_SCHEMA_VERSION, **json.loads(json.dumps(config.to_dict()))}
+    section["checksum"] = _checksum(section)
+    return section
+
+
+def _checksum(section: dict[str, Any]) -> str:
+    # Canonical JSON (sorted keys) of everything but the checksum: the same before and after a round trip.
+    body = json.dumps({k: v for k, v in section.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def foe_config_from_section(section: Any, file: str | os.PathLike) -> FoEConfig:
+    """The FoEConfig a saved `foe` section describes. ValueError naming `file` when the section
+    has missing or unknown keys, another schema version, or settings edited after saving."""
+    where = f"{file}: the 'foe' section"
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(section).__name__}")
+    settings = [f.name for f in fields(FoEConfig)]
+    missing = [k for k in (*_SECTION_KEYS, *settings) if k not in section]
+    if missing:
+        raise ValueError(f"{where} lacks the key(s) {missing}; it was edited or written by an older foe_compile. "
+                         f"Convert the source model again and save it (a converted model loads only from a "
+                         f"complete section, never from defaults)")
+    unknown = sorted(set(section) - {*_SECTION_KEYS, *settings})
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; valid keys: {[*_SECTION_KEYS, *settings]}")
+    if section["schema_version"] != FOE_SCHEMA_VERSION:
+        raise ValueError(f"{where} has schema_version {section['schema_version']!r}; this foe_compile reads "
+                         f"version {FOE_SCHEMA_VERSION} only")
+    if section["checksum"] != _checksum(section):
+        raise ValueError(f"{where} was edited after saving (its checksum does not match its settings); restore the "
+                         f"saved config.json, or convert the source model again with the settings you want")
+    try:
+        return FoEConfig.from_dict({k: section[k] for k in settings})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} is invalid: {err}") from None
+
+
+def check_savable(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Refuse, before anything is written, a save that could only write part of a model."""
+    if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+        raise ValueError(f"{save_directory} exists and is not a directory; save_pretrained needs a directory "
+                         f"(nothing was written)")
+    meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    if meta:
+        raise ValueError(f"this converted model has {len(meta)} weights on the meta device (e.g. {meta[0]}), so there "
+                         f"are no values to save (nothing was written). Convert a model that holds real weights")
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory beside `target` to write into; on success its files are published to
+    `target` (publish_directory), on failure it is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    staged.mkdir()  # not tempfile.mkdtemp: its 0o700 would become the saved directory's mode
+    try:
+        yield staged
+        publish_directory(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def publish_directory(staged: Path, target: Path) -> None:
+    """Move the files of a finished save into `target`, which never looks complete half-way:
+    a new (or empty) target is one atomic rename; into an existing directory, config.json is
+    removed first and moved in last, stale weight files are removed and other files (a tokenizer
+    saved beside the model) are kept."""
+    try:
+        os.rename(staged, target)
+        return
+    except OSError:
+        if not target.is_dir():
+            raise
+    (target / "config.json").unlink(missing_ok=True)
+    written = {p.name for p in staged.iterdir()}
+    for old in target.iterdir():
+        if _WEIGHT_FILE.fullmatch(old.name) and old.name not in written:
+            old.unlink()
+    for p in sorted(staged.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(p, target / p.name)
+
+
 def _save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
     """save_pretrained of a converted model: source layout + config.foe (see module docstring)."""
     if "state_dict" in kwargs:
         raise ValueError("a converted model saves its own weights in the source layout; do not pass state_dict")
-    self.config.foe = self.foe_config.to_dict()
+    check_savable(self, save_directory)
+    self.config.foe = foe_section(self.foe_config)
+    state = source_state_dict(self)
     base = type(self).__mro__[1]
-    base.save_pretrained(self, save_directory, state_dict=source_state_dict(self), **kwargs)
+    if not kwargs.get("is_main_process", True):  # another rank of a distributed save: the main one writes
+        return base.save_pretrained(self, save_directory, state_dict=state, **kwargs)
+    if kwargs.get("push_to_hub"):  # the repository is named after the target, not the staging directory
+        kwargs.setdefault("repo_id", Path(save_directory).name)
+    with staged_directory(save_directory) as staged:
+        base.save_pretrained(self, staged, state_dict=state, **kwargs)
 
 
 def _from_pretrained(cls, path: str | os.PathLike, *args, **kwargs) -> nn.Module:
@@ -96,7 +210,7 @@ def mark_converted(model: nn.Module, config) -> None:
         )
     model.__class__ = _CONVERTED_CLASSES[cls]
     model.foe_config = config
-    model.config.foe = config.to_dict()
+    model.config.foe = foe_section(config)
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from .base import shard_batch
 from .ep_baseline import build_ep
 from .exact_runtime import build_exact
 from .foe_runtime import build_foe
+from .launch import check_seconds
 
 PAYLOAD = ("stream_mean", "attn_sum", "moe_sum", "dispatch", "combine")
 
@@ -31,6 +32,7 @@ PAYLOAD = ("stream_mean", "attn_sum", "moe_sum", "dispatch", "combine")
 def run_bench(model_name: str, tokens: int, batch: int, groups: int | None, repeats: int, seed: int,
               device: torch.device, timeout_s: float | None = None, **overrides) -> dict:
     """On every rank; returns (on every rank) the report averaged over ranks."""
+    check_bench_args(tokens, batch, groups, repeats, timeout_s)
     G, rank = dist.get_world_size(), dist.get_rank()
     source = builtin_model(model_name, seed=seed, **overrides)
     g = torch.Generator().manual_seed(seed + 1)
@@ -68,6 +70,17 @@ def run_bench(model_name: str, tokens: int, batch: int, groups: int | None, repe
                                         formula_bytes_per_layer=_formula(name, k, H, G, p.ranks_per_group) *
                                         t_rank * d * esize, layers=_average(gathered, G))
     return report
+
+
+def check_bench_args(tokens: int, batch: int, groups: int | None, repeats: int, timeout_s: float | None) -> None:
+    """ValueError naming the first bad argument of run_bench (before any model is built)."""
+    for name, value in (("tokens", tokens), ("batch", batch), ("groups", groups), ("repeats", repeats)):
+        if value is None and name == "groups":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if timeout_s is not None:
+        check_seconds(timeout_s, "timeout_s")
 
 
 def _formula(name: str, k: int, H: int, G: int, s: int) -> float:

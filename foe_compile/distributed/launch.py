@@ -5,6 +5,7 @@ Both set a bounded collective timeout, so a rank that fails or stalls makes its 
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import tempfile
@@ -22,12 +23,20 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 60.0
 
 
+def check_seconds(value: float, name: str) -> float:
+    """A timeout in seconds: a finite number > 0, or ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...); NCCL with one
     GPU per local rank when CUDA is available, else gloo on CPU. Returns this rank's device."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("RANK/WORLD_SIZE are not set: launch with torchrun, e.g. "
                          "`torchrun --nproc-per-node 2 -m foe_compile.cli distributed-bench`")
+    check_seconds(timeout_s, "timeout_s")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device("cpu")
     if backend == "nccl":
@@ -56,6 +65,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks (CPU processes); one RankResult
     per rank, in rank order. `fn` must be importable (module level); its value must pickle.
     A rank that has not reported after `timeout_s` is killed and reported as timed out."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    check_seconds(timeout_s, "timeout_s")
+    check_seconds(collective_timeout_s, "collective_timeout_s")
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

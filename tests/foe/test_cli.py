@@ -30,11 +30,21 @@ def test_convert_local_directory(tmp_path):
     model(tokens(1, 5))
 
 
-def test_convert_errors_are_clear(tmp_path):
-    with pytest.raises(SystemExit, match="neither a local model directory nor a built-in model"):
-        main(["convert", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match=r"Valid num_groups: \[1, 2\]"):
-        main(["convert", "mixtral-tiny", "--groups", "4", "--calibration-tokens", "0"])
+def user_error(capsys, argv: list[str]) -> str:
+    """main(argv) must report a user mistake: exit code 2 and one `error: ...` line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_convert_errors_are_clear(tmp_path, capsys):
+    assert "neither a local model directory nor a built-in model" in user_error(
+        capsys, ["convert", str(tmp_path / "missing")])
+    assert "Valid num_groups: [1, 2]" in user_error(
+        capsys, ["convert", "mixtral-tiny", "--groups", "4", "--calibration-tokens", "0"])
 
 
 def test_demo_verifies_every_family(capsys):
@@ -54,5 +64,5 @@ def test_convert_and_export_to_onnx(tmp_path, capsys):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: tokens(1, 3).numpy()})
     assert out.shape == (1, 3, 128)
-    with pytest.raises(SystemExit, match="need real weights"):
-        main(["convert", "mixtral-8x7b", "--groups", "2", "--calibration-tokens", "0", "--onnx", str(path)])
+    assert "--onnx needs real weights" in user_error(
+        capsys, ["convert", "mixtral-8x7b", "--groups", "2", "--calibration-tokens", "0", "--onnx", str(path)])

@@ -6,7 +6,7 @@ import torch
 from foe_testing import fresh_copy, tokens
 from transformers import AutoModelForCausalLM
 
-from foe_compile import convert, from_pretrained
+from foe_compile import builtin_model, convert, from_pretrained
 from foe_compile.models import FoEDecoderLayer
 
 
@@ -39,3 +39,13 @@ def test_loading_an_unconverted_directory_fails_clearly(source, tmp_path):
     source.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no 'foe' section"):
         from_pretrained(tmp_path)
+
+
+def test_save_publishes_one_directory_with_the_usual_mode(tmp_path):
+    """Saving writes beside the target and renames: no staging directory is left, and the saved
+    directory gets the mode any new directory gets (not a private temporary directory's 0o700)."""
+    model, _ = convert(builtin_model("olmoe-tiny"), mode="exact")
+    model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "plain").mkdir()
+    assert sorted(os.listdir(tmp_path)) == ["plain", "saved"]
+    assert (tmp_path / "saved").stat().st_mode == (tmp_path / "plain").stat().st_mode
