@@ -25,10 +25,12 @@ from collections.abc import Mapping
 from numbers import Integral, Real
 from typing import Any
 
+import torch
 from torch import fx
 
 from .capture import aten_graph_from_dynamo
 from .passes import run_passes
+from .validation import copy_graph, tensor_leaves, tolerance, validated_exact_rewrite
 
 log = logging.getLogger(__name__)
 _OPTIONS = ("num_groups", "compiler", "mode", "attn_stream_scale")
@@ -70,8 +72,8 @@ def validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 def foe_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, **_: Any):
     opts = validate_options(options)
     compiler, mode = opts["compiler"], opts["mode"]
-    aten_gm = aten_graph_from_dynamo(gm, example_inputs)
-    results = run_passes(aten_gm, opts["num_groups"], mode, opts["attn_stream_scale"])
+    captured = aten_graph_from_dynamo(gm, example_inputs)
+    aten_gm, results = _rewrite(gm, captured, example_inputs, opts)
     if mode == "foe":
         log.warning("foe backend, mode='foe': the compiled model uses quota routing and per-group residual "
                     "streams, so its outputs differ from the source model's (convert() reports by how much)")
@@ -84,6 +86,30 @@ def foe_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | N
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(aten_gm, example_inputs)
+
+
+def _rewrite(dynamo_gm: fx.GraphModule, captured: fx.GraphModule, example_inputs: list[Any], opts: dict):
+    """The passes on `captured`, with translation validation of the exact rewrites on Dynamo's
+    example inputs (the Dynamo graph is the reference): a block whose rewrite changes the outputs
+    is left as written. The FoE form is then built from the blocks that validated (and refused,
+    with the reason, if one did not)."""
+    concrete = [_concrete(x) for x in example_inputs]
+    references = [tensor_leaves(dynamo_gm(*concrete))]
+    tol = tolerance(references[0])
+    exact_groups = opts["num_groups"] if opts["mode"] == "exact" else None
+    aten_gm, results, error, left = validated_exact_rewrite(captured, exact_groups, [tuple(concrete)], references, tol)
+    log.info("foe backend: exact rewrite validated, max relative error %.2e (tolerance %.0e)", error, tol)
+    if opts["mode"] == "foe":
+        aten_gm = copy_graph(captured)
+        results = run_passes(aten_gm, opts["num_groups"], "foe", opts["attn_stream_scale"], leave=left)
+    return aten_gm, results
+
+
+def _concrete(x: Any) -> Any:
+    """A real value for an example input: Dynamo passes SymInts for sizes it made dynamic."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    return x
 
 
 # The pass results of the most recent compilation (for tests, benchmarks and the CLI).

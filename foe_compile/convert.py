@@ -1,11 +1,13 @@
 """convert(): a Hugging Face MoE model -> its Federation-of-Experts (or exact) form."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import assignment
@@ -18,6 +20,7 @@ from .generic import convert_generic
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 from .serialization import is_converted, mark_converted
 from .shape import ModelShape
+from .validation import TOLERANCE
 
 
 def convert(
@@ -25,26 +28,32 @@ def convert(
     config: FoEConfig | None = None,
     *,
     calibration_inputs: Tensor | Iterable[Tensor] | None = None,
+    inplace: bool = False,
     **overrides: Any,
 ) -> tuple[nn.Module, ConversionReport]:
-    """Convert a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE causal LM in place, per instance.
+    """Convert a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE causal LM, per instance.
 
+    Returns a new model object and leaves `model` as it was; the new model's weights are views
+    of the source's (zero-copy; a calibrated expert permutation copies the experts it moves).
+    `inplace=True` converts `model` itself (no second module tree; for memory-tight callers).
     Any other MoE model goes through the FX path (foe_compile/generic.py): captured with
     torch.export on `calibration_inputs`, rewritten by the passes to the requested form,
-    returned as a GraphModule.
+    returned as a ConvertedGraph (the source is never modified).
 
-    Weights become views of the source's (zero-copy; a calibrated expert permutation copies
-    the experts it moves); works on the meta device. Keyword overrides update `config`.
-    With `calibration_inputs` (token ids), the report measures routing agreement and the
-    error of hidden states and logits against the source; "calibrated" assignment needs them.
+    Every conversion is measured against the source (translation validation): on
+    `calibration_inputs` when given, else on random token ids, and `report.exact` is true only
+    when the form is exact by construction and the measured logit error is within the dtype's
+    tolerance (validation.py). On the meta device nothing can be measured: the report then says
+    "unverified". "calibrated" assignment needs `calibration_inputs`; with them the report also
+    gives routing agreement and hidden-state errors per layer. Keyword overrides update `config`.
 
     Example:
         >>> from transformers import Qwen3MoeForCausalLM
         >>> from foe_compile import builtin_config, convert
         >>> model = Qwen3MoeForCausalLM(builtin_config("qwen3-moe-tiny"))
-        >>> model, report = convert(model, mode="exact")
-        >>> report.exact
-        True
+        >>> converted, report = convert(model, mode="exact")
+        >>> report.exact, converted is model
+        (True, False)
     """
     config = (config or FoEConfig()).replace(**overrides)
     if not is_supported_family(model):
@@ -52,17 +61,58 @@ def convert(
     family = family_of(model)
     if is_converted(model):
         raise ValueError(f"{type(model).__name__} is already converted; convert the source model instead")
+    check_experts(model, family)
     shape = ModelShape.of(model, family)
     batches = as_batches(calibration_inputs)
-    source = trace(model, batches) if batches else None
+    measured_on = batches or validation_batches(model)
+    source = trace(model, measured_on) if measured_on else None
 
     start = time.perf_counter()
-    config = resolve(model, shape, config, batches)
-    replace_layers(model, family, shape, config)
-    mark_converted(model, config)
+    target = model if inplace else shared_copy(model)
+    config = resolve(target, shape, config, batches)
+    replace_layers(target, family, shape, config)
+    mark_converted(target, config)
     seconds = time.perf_counter() - start
 
-    return model, build_report(model, family, shape, config, seconds, source, batches)
+    report = build_report(target, family, shape, config, seconds, source, measured_on)
+    if batches:
+        report.calibration_tokens = sum(b.numel() for b in batches)
+    return target, report
+
+
+def check_experts(model: nn.Module, family: Family) -> None:
+    """foe::experts_swiglu computes silu(gate) * up: refuse experts with another activation."""
+    for i, layer in enumerate(model.model.layers):
+        act = getattr(getattr(layer.mlp, "experts", None), "act_fn", None)
+        if act is not None and not is_silu(act):
+            raise ValueError(
+                f"{type(model).__name__} layer {i}: the experts' activation is {type(act).__name__} (config hidden_act="
+                f"{getattr(model.config, 'hidden_act', None)!r}), but foe::experts_swiglu computes SiLU-gated experts "
+                f"(silu(gate) * up); converting would change what the model computes, so {family.model_type} models "
+                "convert only with hidden_act='silu'")
+
+
+def is_silu(act: nn.Module) -> bool:
+    """torch's nn.SiLU or transformers' SiLUActivation (ACT2FN["silu"]), whose forward is F.silu."""
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act, nn.SiLU) or type(act) is SiLUActivation
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the source's own tensors (no copy)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def validation_batches(model: nn.Module, batch: int = 2, length: int = 8, seed: int = 0) -> list[Tensor]:
+    """Random token ids to measure a conversion on when no calibration inputs are given (none on
+    the meta device, where nothing runs)."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, weight.shape[0], (batch, length), generator=gen).to(weight.device)]
 
 
 def resolve(model: nn.Module, shape: ModelShape, config: FoEConfig, batches: list[Tensor]) -> FoEConfig:
@@ -126,8 +176,10 @@ def build_report(model, family, shape, config, seconds, source, batches) -> Conv
         report.logits_rel_error = rel_error(converted.logits, source.logits)
         report.logits_max_rel_error = max_rel_error(converted.logits, source.logits)
         agree = sum(float((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(converted.logits, source.logits))
-        report.calibration_tokens = sum(b.numel() for b in batches)
-        report.next_token_agreement = agree / report.calibration_tokens
+        tokens = sum(b.numel() for b in batches)
+        report.next_token_agreement = agree / tokens
+        report.validation_error = report.logits_max_rel_error
+        report.validation_tolerance = TOLERANCE.get(model.dtype, TOLERANCE[torch.float32])
     return report
 
 
@@ -154,5 +206,5 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if lost:
         raise ValueError(f"{path}: the checkpoint lacks {len(lost)} weight(s) the model needs (e.g. {lost[0]}); "
                          f"it is incomplete or belongs to another model")
-    model, _ = convert(model, config)
+    model, _ = convert(model, config, inplace=True)  # the loaded model is ours to convert
     return model

@@ -11,7 +11,6 @@ with.
 from __future__ import annotations
 
 import bisect
-import copy
 import logging
 import time
 
@@ -32,7 +31,7 @@ from .passes.find_moe_blocks import find_moe_blocks
 from .passes.matches import ATTENTION_KEY, MOE_KEY, UNTOUCHED_KEY
 from .passes.partition_groups import GROUPS_KEY, group_count
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
-from .validation import max_relative_error, sample_inputs, tensor_leaves, tolerance
+from .validation import copy_graph, max_relative_error, sample_inputs, tensor_leaves, tolerance, validated_exact_rewrite
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +113,20 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
     # Translation validation of the exact rewrites (what every form is built from): a block whose
     # rewrite changes the outputs is left as written, with the measured error as its reason.
     exact_groups = config.num_groups if config.mode == "exact" else None
-    gm, results, error, left = _validated_exact(captured, exact_groups, samples, references, tol)
+    gm, results, error, left = validated_exact_rewrite(captured, exact_groups, samples, references, tol)
     if config.mode == "foe":
-        perms = _expert_permutations(_copy(captured), config, args)
-        gm = _copy(captured)
+        perms = _expert_permutations(copy_graph(captured), config, args)
+        gm = copy_graph(captured)
         results = run_passes(gm, config.num_groups, "foe", config.attn_stream_scale, perms, leave=left)
     else:
         perms = None
     blocks, untouched = gm.meta.get(MOE_KEY, []), gm.meta.get(UNTOUCHED_KEY, [])
+    if not blocks and not untouched:
+        raise ValueError(f"no MoE block found in {name}: the FX path needs a router (linear -> top-k) followed by "
+                         f"experts; Hugging Face families converted directly: {sorted(FAMILIES)}")
     if not blocks:
-        why = "; ".join(f"{router}: {reason}" for router, reason in untouched) or "no router (linear -> top-k) found"
-        raise ValueError(f"no MoE block of {name} can be rewritten exactly ({why}); Hugging Face families converted "
-                         f"directly: {sorted(FAMILIES)}")
+        why = "; ".join(f"{router}: {reason}" for router, reason in untouched)
+        raise ValueError(f"no MoE block of {name} can be rewritten exactly ({why}); nothing was converted")
     seconds = time.perf_counter() - start
     H = gm.meta[GROUPS_KEY]
     k, E, d = blocks[0].top_k, blocks[0].num_experts, int(blocks[0].hidden.meta["val"].shape[-1])
@@ -150,44 +151,6 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
     report.logits_rel_error = rel_error([converted], [reference])
     report.logits_max_rel_error = max_rel_error([converted], [reference])
     return gm, report
-
-
-def _validated_exact(captured: fx.GraphModule, num_groups: int | None, samples: list[tuple],
-                     references: list[list[Tensor]], tol: float):
-    """The exact rewrite of `captured`, with every block whose rewrite changes the outputs left as
-    written: (graph, pass results, measured error, {block index: reason})."""
-    def attempt(leave: dict[int, str]):
-        gm = _copy(captured)
-        results = run_passes(gm, num_groups, "exact", leave=leave)
-        return gm, results, max_relative_error(gm, references, samples)
-
-    gm, results, error = attempt({})
-    if error <= tol:
-        return gm, results, error, {}
-    # Find the culprits: each block rewritten alone (the others left as written).
-    count = len(gm.meta[MOE_KEY]) + len(gm.meta[UNTOUCHED_KEY])
-    left = {}
-    for i in range(count):
-        alone_error = attempt({j: "" for j in range(count) if j != i})[2]
-        if alone_error > tol:
-            left[i] = (f"rewrite failed translation validation (max relative error {alone_error:.2e} > {tol:.0e}); "
-                       "left as written")
-    log.warning("translation validation undid %d MoE block rewrite(s): %s", len(left), left)
-    gm, results, error = attempt(left)
-    if error > tol:
-        raise RuntimeError(f"internal error: the rewrite still differs from the source by {error:.2e} with every "
-                           "failing block left as written; please report this model")
-    return gm, results, error, left
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the captured graph that shares its weights (the passes rewrite the copy)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    new = fx.GraphModule(gm, graph)
-    new.meta.update(gm.meta)
-    return new
 
 
 def _main_output(outputs: list[Tensor]) -> Tensor:

@@ -108,14 +108,14 @@ class ConversionReport:
             )
         lines += [f"  left as written: {why}" for why in self.untouched_blocks]
         if self.logits_rel_error is not None:
-            on = f"{self.calibration_tokens} tokens" if self.calibration_tokens else "the calibration inputs"
+            on = f"{self.calibration_tokens} calibration tokens" if self.calibration_tokens else "random token ids"
             lines.append(
                 f"outputs vs source on {on}: rel err {fmt(self.logits_rel_error, '.2e')}, "
                 f"max rel err {fmt(self.logits_max_rel_error, '.2e')}, "
                 f"next-token agreement {fmt(self.next_token_agreement, '.3f')}"
             )
         else:
-            lines.append("no calibration inputs: routing agreement and errors not measured")
+            lines.append("outputs not measured (meta device): routing agreement and errors unknown")
         c = self.communication
         per = lambda v: f"{v:.3f} T*d/layer, {c.bytes_per_token(v) / 1024:.1f} KiB/token (bf16)"  # noqa: E731
         lines += [

@@ -8,10 +8,17 @@ only allows for summation order and the fp32 router softmax the fused op always 
 """
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
+
+from .passes import run_passes
+from .passes.matches import MOE_KEY, UNTOUCHED_KEY
+
+log = logging.getLogger(__name__)
 
 # Max relative error allowed for an "exact" rewrite, per output dtype.
 TOLERANCE: dict[torch.dtype, float] = {
@@ -81,3 +88,41 @@ def max_relative_error(candidate: Callable, reference_outputs: list[list[Tensor]
             diff = (g[finite] - r[finite]).abs().max() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
             worst = max(worst, float(diff / scale) if scale > 0 else float(diff))
     return worst
+
+
+def validated_exact_rewrite(captured: fx.GraphModule, num_groups: int | None, samples: list[tuple],
+                     references: list[list[Tensor]], tol: float):
+    """The exact rewrite of `captured`, with every block whose rewrite changes the outputs left as
+    written: (graph, pass results, measured error, {block index: reason})."""
+    def attempt(leave: dict[int, str]):
+        gm = copy_graph(captured)
+        results = run_passes(gm, num_groups, "exact", leave=leave)
+        return gm, results, max_relative_error(gm, references, samples)
+
+    gm, results, error = attempt({})
+    if error <= tol:
+        return gm, results, error, {}
+    # Find the culprits: each block rewritten alone (the others left as written).
+    count = len(gm.meta[MOE_KEY]) + len(gm.meta[UNTOUCHED_KEY])
+    left = {}
+    for i in range(count):
+        alone_error = attempt({j: "" for j in range(count) if j != i})[2]
+        if alone_error > tol:
+            left[i] = (f"rewrite failed translation validation (max relative error {alone_error:.2e} > {tol:.0e}); "
+                       "left as written")
+    log.warning("translation validation undid %d MoE block rewrite(s): %s", len(left), left)
+    gm, results, error = attempt(left)
+    if error > tol:
+        raise RuntimeError(f"internal error: the rewrite still differs from the source by {error:.2e} with every "
+                           "failing block left as written; please report this model")
+    return gm, results, error, left
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the captured graph that shares its weights (the passes rewrite the copy)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    return new

@@ -69,7 +69,7 @@ def _find_and_leave(gm: fx.GraphModule, leave: dict[int, str], foe: bool) -> Pas
     the fused op (quota routing, group streams): an untouched one makes it impossible, so say why."""
     result = find_moe_blocks(gm)
     blocks = gm.meta[MOE_KEY]
-    gm.meta[UNTOUCHED_KEY] += [(blocks[i].router_weight.name, why) for i, why in sorted(leave.items())]
+    gm.meta[UNTOUCHED_KEY] += [(blocks[i].name, why) for i, why in sorted(leave.items())]
     gm.meta[MOE_KEY] = [b for i, b in enumerate(blocks) if i not in leave]
     untouched = gm.meta[UNTOUCHED_KEY]
     if foe and untouched:

@@ -32,20 +32,23 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
     block cannot be expressed exactly by the foe:: ops as (router node name, reason) in
     gm.meta["foe_untouched_blocks"]: those blocks are left as the source wrote them."""
     _refresh_grouped_mm_ops()
-    matches, untouched = [], []
+    matches, untouched = [], {}
     for node in gm.graph.nodes:
         if is_op(node, aten.topk.default):
             router = _match_router(node)
-            if isinstance(router, str):
-                untouched.append((node.name, router))
-            elif router is not None:
-                match = _match_experts(*router)
-                if isinstance(match, str):
-                    untouched.append((router[1].args[1].name, match))
-                else:
-                    matches.append(match)
+            if router is None:
+                continue
+            if isinstance(router, str):  # routing stays in the graph; the experts may still be lowered
+                router = (node, None, getitem_users(node)[1], None, False, router)
+            match = _match_experts(*router)
+            if isinstance(match, str):
+                untouched[node] = ((router[1].args[1] if router[1] is not None else node).name, match)
+            else:
+                matches.append(match)
+    # A top-k inside another block's routing (DeepSeek's group selection) is not a block of its own.
+    routing = set().union(*(ancestors(m.ids) for m in matches))
     gm.meta[MOE_KEY] = matches
-    gm.meta[UNTOUCHED_KEY] = untouched
+    gm.meta[UNTOUCHED_KEY] = [entry for topk, entry in untouched.items() if topk not in routing]
     return PassResult("find_moe_blocks", len(matches))
 
 
@@ -62,8 +65,8 @@ def _is_last_dim(node: fx.Node, dim) -> bool:
 
 
 def _match_router(topk: fx.Node):
-    """(topk, linear, ids, weights, renormalize) for a router foe::sum_route_dispatch computes exactly;
-    a reason (str) for a router it cannot; None when `topk` is not a router's.
+    """(topk, linear, ids, weights, renormalize, None) for a router foe::sum_route_dispatch computes
+    exactly; a reason (str) for a router it cannot; None when `topk` is not a router's.
 
     Two orders are exact: topk(softmax(linear(x))) [v / v.sum(-1)], and softmax(topk(linear(x)))
     (Mixtral's spelling: a softmax over the k picked logits is the renormalised softmax)."""
@@ -91,15 +94,15 @@ def _match_router(topk: fx.Node):
         if 0 not in outs:
             return None
         weights, renormalize = _routing_weights(outs[0])
-        return topk, linear, outs[1], weights, renormalize
+        return topk, linear, outs[1], weights, renormalize, None
     picked = outs[0].users if 0 in outs else []
     softmaxes = [u for u in picked if is_op(u, aten.softmax.int, aten._softmax.default)]
     if len(softmaxes) != 1 or not _is_last_dim(softmaxes[0], softmaxes[0].args[1]):
         return f"router {linear.name}: top-k on logits without a softmax over the picks (fused op needs softmax)"
     weights = softmaxes[0]
-    while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default):
+    while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default, aten.type_as.default):
         weights = nxt
-    return topk, linear, outs[1], weights, True
+    return topk, linear, outs[1], weights, True, None
 
 
 def _other_router(scores: fx.Node) -> str | None:
@@ -124,13 +127,17 @@ def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool]:
     return node, renormalize
 
 
-def _match_experts(topk, linear, ids, weights, renormalize) -> MoEMatch | str:
-    common = dict(router_input=linear.args[0], router_weight=linear.args[1], ids=ids, weights=weights,
-                  renormalize=renormalize, top_k=int(topk.args[1]), num_experts=val(linear.args[1]).shape[0])
+def _match_experts(topk, linear, ids, weights, renormalize, graph_routing) -> MoEMatch | str:
+    """The block's experts after a router; with graph routing (linear and weights None) the routing
+    weights are whatever the experts are multiplied by, found from the experts' side."""
+    common = dict(router_input=linear.args[0] if linear is not None else None,
+                  router_weight=linear.args[1] if linear is not None else None, ids=ids, weights=weights,
+                  renormalize=renormalize, top_k=int(topk.args[1]), num_experts=val(topk.args[0]).shape[-1])
     reasons = []
     for matcher in (_grouped_mm, _dense_loop, _select_loop):
         match = matcher(common)
         if isinstance(match, MoEMatch):
+            match.graph_routing = graph_routing
             return match
         if match is not None:
             reasons.append(match)
@@ -138,7 +145,8 @@ def _match_experts(topk, linear, ids, weights, renormalize) -> MoEMatch | str:
         "the expert computation matches none of the supported forms (transformers v5 grouped_mm; per-expert loops "
         "selecting tokens with one_hot/where/nonzero and combining with index_add_/scatter_add_/index_put_; "
         "per-expert dense mask loops)")
-    return f"router {linear.name} -> {topk.name}: {why}"
+    where = f"router {linear.name} -> {topk.name}" if linear is not None else f"{topk.name} ({graph_routing})"
+    return f"{where}: {why}"
 
 
 def _internal(roots, output: fx.Node) -> set[fx.Node]:
@@ -176,9 +184,13 @@ def _grouped_mm(c: dict) -> MoEMatch | str | None:
     output = sums[0]
     while (nxt := only_user(output)) is not None and is_op(nxt, aten.to.dtype, aten.reshape.default, aten.view.default):
         output = nxt
-    why = _check_grouped_unit(mms[0], mms[1]) or _check_weighting(mms[1], output, c["weights"])
+    why = _check_grouped_unit(mms[0], mms[1])
     if why:
         return why
+    weights = _weighting(mms[1], output, c["weights"], c["ids"])
+    if isinstance(weights, str):
+        return weights
+    c = {**c, "weights": weights}
     weight = lambda mm: skip_pass_through(mm.args[1].args[0] if is_op(mm.args[1], aten.transpose.int)  # noqa: E731
                                           else mm.args[1])
     return MoEMatch("grouped_mm", hidden=gathers[0].args[0], output=output, gate_up=weight(mms[0]),
@@ -231,9 +243,9 @@ def _half(node) -> int | None:
     return None
 
 
-def _check_weighting(mm1: fx.Node, output: fx.Node, weights: fx.Node) -> str | None:
-    """None when the down GEMM's rows are multiplied once by the routing weights (as the router
-    produced them) and summed back per token; else what differs."""
+def _weighting(mm1: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+    """The routing weights [..., k] when the down GEMM's rows are multiplied once by them and summed
+    back per token (with a fused router: exactly the weights it produced); else what differs."""
     path = (descendants([mm1]) & (ancestors(output) | {output})) - {output}
     foreign = [n for n in path if n.op == "call_function" and not is_op(n, *_COMBINE_OPS)]
     if foreign:
@@ -242,10 +254,20 @@ def _check_weighting(mm1: fx.Node, output: fx.Node, weights: fx.Node) -> str | N
     if len(muls) != 1:
         return f"expert outputs are multiplied {len(muls)} times before the combine (expected: once, by the weights)"
     other = [a for a in muls[0].args if isinstance(a, fx.Node) and a not in path and a is not mm1]
-    if len(other) != 1 or _weights_source(other[0]) is not skip_pass_through(weights):
-        return ("expert outputs are scaled by something other than the routing weights (a routed scaling "
-                "factor or per-expert scale the fused op does not apply)")
-    return None
+    return _same_weights(other[0] if len(other) == 1 else None, weights, ids)
+
+
+def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+    """`weights` when the expert outputs' factor is those weights (gathered or viewed); with graph
+    routing (weights None), the factor's source when it is a per-pick tensor shaped like ids."""
+    source = _weights_source(factor) if factor is not None else None
+    if weights is not None:
+        if source is not None and source is skip_pass_through(weights):
+            return weights
+    elif source is not None and val(source).shape == val(ids).shape:
+        return source
+    return ("expert outputs are scaled by something other than the routing weights (a routed scaling "
+            "factor or per-expert scale the fused op does not apply)")
 
 
 def _weights_source(node: fx.Node) -> fx.Node:
@@ -302,6 +324,8 @@ def _unit_reason(down: fx.Node) -> str:
 
 def _dense_loop(c: dict) -> MoEMatch | str | None:
     E, ids, weights = c["num_experts"], c["ids"], c["weights"]
+    if weights is None:
+        return None
     eqs = {int(u.args[1]): u for u in users(ids, aten.eq.Scalar)}
     if sorted(eqs) != list(range(E)):
         return None
@@ -376,9 +400,9 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
             down = next((a for a in scaled.args if is_op(a, aten.linear.default)), None)
             return _unit_reason(down) if down is not None else None
         unit, w = found[0]
-        if _weights_source(w) is not skip_pass_through(weights):
-            return ("per-expert outputs are scaled by something other than the routing weights (a routed "
-                    "scaling factor or per-expert scale the fused op does not apply)")
+        weights = _same_weights(w, weights, ids)
+        if isinstance(weights, str):
+            return "per-" + weights
         x, *params = match_swiglu(unit)
         if not is_op(x, aten.index.Tensor):
             return None
@@ -394,7 +418,7 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
     while (nxt := only_user(output)) is not None and is_op(nxt, aten.reshape.default, aten.view.default):
         output = nxt
     return MoEMatch("select_loop", hidden=hidden, output=output, per_expert=per_expert,
-                    internal=_internal([ids, weights], output) | set(combines), **c)
+                    internal=_internal([ids, weights], output) | set(combines), **{**c, "weights": weights})
 
 
 def _combine_index(node: fx.Node):

@@ -32,6 +32,12 @@ def fuse_sum_route_dispatch(gm: fx.GraphModule, quota_groups: int = 1) -> PassRe
     for m in gm.meta.get(MOE_KEY, []):
         if quota_groups > 1 and m.top_k % quota_groups:
             raise ValueError(f"quota routing needs top_k={m.top_k} divisible by num_groups={quota_groups}")
+        if m.graph_routing is not None:
+            if quota_groups > 1:
+                raise ValueError(f"the FoE form needs quota routing in foe::sum_route_dispatch, but the MoE block "
+                                 f"{m.name!r} routes in a way the fused op does not compute ({m.graph_routing}); "
+                                 "convert it with mode='exact' (its routing then stays as written)")
+            continue
         if _fuse(gm, m, quota_groups):
             fused += 1
         elif quota_groups > 1:

@@ -101,7 +101,8 @@ def getitem_users(node: fx.Node) -> dict[int, fx.Node]:
 
 
 # Ops that pass a tensor through without changing its values (up to dtype casts).
-PASS_THROUGH = (aten.view.default, aten.reshape.default, aten.alias.default, aten.to.dtype,
+PASS_THROUGH = (aten.view.default, aten.reshape.default, aten.view_as.default, aten.reshape_as.default, aten.type_as.default,
+                aten.alias.default, aten.to.dtype,
                 aten._to_copy.default, aten.contiguous.default, aten.clone.default)
 
 

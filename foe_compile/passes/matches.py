@@ -18,8 +18,8 @@ class MoEMatch:
 
     kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop"
     hidden: fx.Node  # experts' input [..., d]
-    router_input: fx.Node  # what the router linear reads (a view of `hidden`)
-    router_weight: fx.Node  # [E, d]
+    router_input: fx.Node | None  # what the router linear reads (a view of `hidden`); None: graph routing
+    router_weight: fx.Node | None  # [E, d]; None when the routing stays in the graph
     ids: fx.Node  # top-k expert ids [..., k]
     weights: fx.Node  # routing weights [..., k], as the experts consume them
     renormalize: bool
@@ -32,6 +32,15 @@ class MoEMatch:
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
     route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
     group_partials: fx.Node | None = None  # foe::experts_swiglu's [H, T, d] output, once lowered
+    # Why foe::sum_route_dispatch cannot compute this block's routing (sigmoid scores, a router bias,
+    # grouped top-k...): the routing then stays in the graph as written and only the experts are
+    # lowered (exact form); the FoE form, which needs quota routing in the fused op, is refused.
+    graph_routing: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A name for reports: the router weight's, else the expert ids'."""
+        return (self.router_weight or self.ids).name
 
 
 @dataclass

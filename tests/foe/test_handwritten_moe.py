@@ -1,0 +1,94 @@
+"""The FX path on MoE blocks written by hand (handwritten_moes.py): every form that computes
+sum_k w_k * SwiGLU_{e_k}(x) is rewritten and equals the eager module at several shapes; every
+form that computes something else is left as written with its reason; a rewrite that changes
+the outputs is undone by translation validation."""
+import pytest
+import torch
+from foe_testing import EXACT_MAX_REL, max_rel
+from handwritten_moes import REFUSED, SUPPORTED
+from user_models import UserMoETransformer
+
+import foe_compile.passes.find_moe_blocks as find_moe_blocks
+from foe_compile import convert
+
+VOCAB = 96
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model_with(moe_cls, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return UserMoETransformer(moe_cls, vocab=VOCAB, experts=4, top_k=2).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls", SUPPORTED, ids=lambda c: c.__name__)
+def test_supported_forms_are_rewritten_and_exact(moe_cls):
+    model = model_with(moe_cls)
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    assert report.exact and not report.untouched_blocks, report.to_table()
+    assert [layer.kind for layer in report.layers] == ["moe", "moe"]
+    assert sum("experts_swiglu" in str(n.target) for n in converted.graph.nodes) == 2
+    for batch, length in [(2, 7), (1, 5), (3, 4), (1, 1)]:
+        ids = tokens(batch, length, seed=batch * 10 + length)
+        assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls", SUPPORTED[2:5], ids=lambda c: c.__name__)
+def test_supported_forms_build_the_foe_form(moe_cls):
+    model = model_with(moe_cls)
+    converted, report = convert(model, mode="foe", calibration_inputs=tokens(2, 7))
+    assert report.num_groups == 2 and not report.exact and report.structurally_exact is False
+    assert converted(tokens(1, 5)).shape == (1, 5, VOCAB)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls, reason", REFUSED, ids=lambda c: getattr(c, "__name__", ""))
+def test_other_computations_are_left_as_written_with_a_reason(moe_cls, reason):
+    model = model_with(moe_cls)
+    ids = tokens(2, 7)
+    with pytest.raises(ValueError, match="no MoE block of UserMoETransformer can be rewritten exactly") as err:
+        convert(model, mode="exact", calibration_inputs=ids)
+    assert reason in str(err.value)
+    with pytest.raises(ValueError, match="FoE form needs every MoE block rewritten|no MoE block"):
+        convert(model, mode="foe", calibration_inputs=ids)
+
+
+@torch.no_grad()
+def test_a_wrong_rewrite_is_undone_by_translation_validation(monkeypatch):
+    """Make the matcher swap gate and up for the first block's experts (a plausible bug): the
+    rewrite no longer equals the source, so validation leaves that block as written and says so."""
+    real = find_moe_blocks.match_swiglu
+
+    def swapped_in_block_0(down):
+        found = real(down)
+        if found is not None and "blocks_0" in found[1].name:
+            x, gate, up, d = found
+            return x, up, gate, d
+        return found
+
+    monkeypatch.setattr(find_moe_blocks, "match_swiglu", swapped_in_block_0)
+    model = model_with(SUPPORTED[2])
+    ids = tokens(2, 7)
+    converted, report = convert(model, mode="exact", calibration_inputs=ids)
+    (why,) = report.untouched_blocks
+    assert "blocks_0" in why and "failed translation validation" in why
+    assert report.exact and [layer.kind for layer in report.layers].count("moe") == 1
+    assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+    with pytest.raises(ValueError, match="failed translation validation"):
+        convert(model, mode="foe", calibration_inputs=ids)
+
+
+@torch.no_grad()
+def test_report_exact_needs_the_measured_error(monkeypatch):
+    """report.exact is the measurement, not the configuration: a tolerance no error can meet
+    makes an exact-by-construction conversion report NOT exact, with the number in the header."""
+    import foe_compile.validation as validation
+
+    model = model_with(SUPPORTED[0])
+    monkeypatch.setitem(validation.TOLERANCE, torch.float32, 0.0)
+    with pytest.raises(RuntimeError, match="still differs from the source"):
+        convert(model, mode="exact", calibration_inputs=tokens(2, 7))
