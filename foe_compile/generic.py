@@ -175,6 +175,8 @@ def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) 
         if foe and i < len(attentions) and attentions[i].reads_group_streams:
             reasons.append(stream_reason(c))
         notes = [f"{block.kind} experts lowered to foe::experts_swiglu"] if block is not None else []
+        if block is not None and block.graph_routing:
+            notes.append(f"routing left as written: {block.graph_routing}")
         layers.append(LayerReport(i, "moe" if block is not None else "dense", exact=not reasons, reasons=reasons,
                                   notes=notes))
     return layers

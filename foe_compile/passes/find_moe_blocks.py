@@ -141,6 +141,13 @@ def _match_experts(topk, linear, ids, weights, renormalize, graph_routing) -> Mo
             return match
         if match is not None:
             reasons.append(match)
+    if linear is not None and not graph_routing:
+        # The experts may be scaled by weights other than the router's (a routed scaling factor applied
+        # after it): keep that routing in the graph and lower only the experts.
+        rerouted = _match_experts(topk, None, ids, None, False,
+                                  "routing weights are changed after the router (e.g. a routed scaling factor)")
+        if isinstance(rerouted, MoEMatch):
+            return rerouted
     why = "; ".join(reasons) or (
         "the expert computation matches none of the supported forms (transformers v5 grouped_mm; per-expert loops "
         "selecting tokens with one_hot/where/nonzero and combining with index_add_/scatter_add_/index_put_; "

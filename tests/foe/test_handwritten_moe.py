@@ -2,13 +2,14 @@
 sum_k w_k * SwiGLU_{e_k}(x) is rewritten and equals the eager module at several shapes; every
 form that computes something else is left as written with its reason; a rewrite that changes
 the outputs is undone by translation validation."""
+import importlib
+
 import pytest
 import torch
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import REFUSED, SUPPORTED
+from handwritten_moes import GRAPH_ROUTED, REFUSED, SUPPORTED
 from user_models import UserMoETransformer
 
-import foe_compile.passes.find_moe_blocks as find_moe_blocks
 from foe_compile import convert
 
 VOCAB = 96
@@ -46,6 +47,22 @@ def test_supported_forms_build_the_foe_form(moe_cls):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("moe_cls, reason", GRAPH_ROUTED, ids=lambda c: getattr(c, "__name__", ""))
+def test_unfusable_routing_stays_as_written_and_the_experts_are_lowered(moe_cls, reason):
+    model = model_with(moe_cls)
+    ids = tokens(2, 7)
+    converted, report = convert(model, mode="exact", calibration_inputs=ids)
+    assert report.exact and not report.untouched_blocks, report.to_table()
+    assert all(any(reason in note for note in layer.notes) for layer in report.layers), report.to_table()
+    assert not any("sum_route_dispatch" in str(n.target) for n in converted.graph.nodes)
+    for batch, length in [(1, 5), (3, 4)]:
+        x = tokens(batch, length, seed=length)
+        assert max_rel(converted(x), model(x)) <= EXACT_MAX_REL
+    with pytest.raises(ValueError, match="the FoE form needs quota routing in foe::sum_route_dispatch"):
+        convert(model, mode="foe", calibration_inputs=ids)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("moe_cls, reason", REFUSED, ids=lambda c: getattr(c, "__name__", ""))
 def test_other_computations_are_left_as_written_with_a_reason(moe_cls, reason):
     model = model_with(moe_cls)
@@ -61,6 +78,7 @@ def test_other_computations_are_left_as_written_with_a_reason(moe_cls, reason):
 def test_a_wrong_rewrite_is_undone_by_translation_validation(monkeypatch):
     """Make the matcher swap gate and up for the first block's experts (a plausible bug): the
     rewrite no longer equals the source, so validation leaves that block as written and says so."""
+    find_moe_blocks = importlib.import_module("foe_compile.passes.find_moe_blocks")
     real = find_moe_blocks.match_swiglu
 
     def swapped_in_block_0(down):
@@ -83,12 +101,16 @@ def test_a_wrong_rewrite_is_undone_by_translation_validation(monkeypatch):
 
 
 @torch.no_grad()
-def test_report_exact_needs_the_measured_error(monkeypatch):
-    """report.exact is the measurement, not the configuration: a tolerance no error can meet
-    makes an exact-by-construction conversion report NOT exact, with the number in the header."""
+def test_report_exact_is_the_measurement(monkeypatch):
+    """report.exact is the measurement, not the configuration: under a tolerance no fp32 rewrite
+    meets, an exact-by-construction conversion is reported NOT exact, with the number in the
+    header (module path), and the FX path leaves every block as written and says why."""
     import foe_compile.validation as validation
+    from foe_compile import builtin_model
 
-    model = model_with(SUPPORTED[0])
     monkeypatch.setitem(validation.TOLERANCE, torch.float32, 0.0)
-    with pytest.raises(RuntimeError, match="still differs from the source"):
-        convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    _, report = convert(builtin_model("olmoe-tiny"), mode="exact")
+    assert report.structurally_exact and not report.exact and report.validation_error > 0
+    assert "NOT exact: measured max rel err" in report.to_table().splitlines()[0]
+    with pytest.raises(ValueError, match="failed translation validation"):
+        convert(model_with(SUPPORTED[0]), mode="exact", calibration_inputs=tokens(2, 7))
