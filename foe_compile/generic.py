@@ -106,7 +106,16 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
         raise ValueError(f"expert_assignment={config.expert_assignment!r} only changes the FoE form (quota routing); "
                          "in exact mode use the default 'contiguous'")
     start = time.perf_counter()
-    captured = export_aten(source, args, dynamic=True).module()
+    try:
+        captured = export_aten(source, args, dynamic=True).module()
+    except Exception as err:  # torch.export raises many types; the user needs what and why, not its internals
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"torch.export cannot capture {name} on inputs of shapes "
+            f"{[tuple(a.shape) for a in args if isinstance(a, Tensor)]}, so the FX path cannot convert it: "
+            f"{type(err).__name__}: {first[:300]}. This usually means the model's Python branches or loops on tensor "
+            "values (e.g. iterating over only the experts that were hit); a version of the model written without "
+            "data-dependent control flow converts") from err
     samples = sample_inputs(args)
     references = [tensor_leaves(captured(*s)) for s in samples]
     tol = tolerance(references[0])
