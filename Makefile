@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/foe-compile demo
-	$(BIN)/placement-compile place ../shared/data/iccad04/ibm01/ibm01.aux --out out/ibm01
+	$(BIN)/placement-compile place ibm01 --out out/ibm01
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests

@@ -1,13 +1,17 @@
 """`placement-compile` command line: place, evaluate, train, generate.
 
-    placement-compile place ../shared/data/iccad04/ibm01/ibm01.aux --out out/ibm01
-    placement-compile evaluate ../shared/data/iccad04/ibm01/ibm01.aux out/ibm01/ibm01.pl
+    placement-compile place ibm01 --out out/ibm01
+    placement-compile evaluate ibm01 out/ibm01/ibm01.pl
+    placement-compile place ../shared/data/iccad04/ibm02/ibm02.aux --out out/ibm02
     placement-compile generate data/v1-train --circuits 2000 --version v1 --workers 2
     placement-compile train runs/small --data data/v1-train --val data/v1-val --steps 10000
 
 A user mistake (a nonsensical number, a missing, broken or mismatched file, an --out that is a
 file) prints one line `placement-compile <command>: error: ...` and exits with status 2, with
 no traceback; internal errors still raise.
+
+A circuit is the path of its .aux or the name of a circuit shipped in the package (ibm01; see
+builtin_circuits.py); an existing file wins over a built-in name.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from placement_compile.builtin_circuits import BUILTIN_CIRCUITS, resolve_circuit
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "small.pt"
 # NOTE: on the shared 2-core box the ibm01 demo took 3 min 9 s with torch's default 2 threads and
@@ -64,7 +70,8 @@ POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 def _add_place(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="place the macros of a Bookshelf circuit")
-    p.add_argument("aux", help="the circuit's .aux file (.gz files are read transparently)")
+    p.add_argument("aux", help=f"the circuit's .aux file (.gz files are read transparently) or a built-in "
+                               f"circuit ({', '.join(BUILTIN_CIRCUITS)})")
     p.add_argument("--samples", type=POSITIVE, default=8, help="B candidates sampled in one batch")
     p.add_argument("--steps", type=POSITIVE, default=100, help="diffusion steps (the paper uses 1000)")
     p.add_argument("--guidance-steps", type=NON_NEGATIVE, default=20, help="inner guidance Adam steps m (0: none)")
@@ -79,7 +86,7 @@ def _add_place(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a .pl placement of a circuit")
-    p.add_argument("aux", help="the circuit's .aux file")
+    p.add_argument("aux", help=f"the circuit's .aux file or a built-in circuit ({', '.join(BUILTIN_CIRCUITS)})")
     p.add_argument("pl", nargs="?", help="placement to score (default: the circuit's own .pl)")
     p.add_argument("--json", dest="json_out", help="also write the metrics here")
 
@@ -152,12 +159,14 @@ def cmd_place(args: argparse.Namespace) -> int:
     from placement_compile.run_place import run_place
 
     _set_threads(args.threads)
+    args.aux = resolve_circuit(args.aux)
     return run_place(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from placement_compile.run_place import run_evaluate
 
+    args.aux = resolve_circuit(args.aux)
     return run_evaluate(args)
 
 
