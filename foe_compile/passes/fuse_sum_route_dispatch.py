@@ -91,7 +91,9 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
     partials_of = gm.meta.get(PARTIALS_KEY, {})
     residual, o = (x.args[1], x.args[0]) if x.args[0] in partials_of else x.args
     g, d = gm.graph, val(x).shape[-1]
-    with g.inserting_before(x.next):
+    anchor = x.next
+    _hoist([weight, m.router_weight], before=anchor)
+    with g.inserting_before(anchor):
         res = g.call_function(aten.reshape.default, (residual, [1, -1, d]))
         if o in partials_of:
             parts = partials_of[o]
@@ -125,6 +127,16 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
     if m.hidden is norm_out:  # erased above; the experts now read the fused op's xn
         m.hidden = xn
     return True
+
+
+def _hoist(nodes: list[fx.Node], before: fx.Node) -> None:
+    """Move the computation of `nodes` (e.g. a norm weight computed as 1 + w, which torch.export
+    may place after the residual sum) above `before`, where the fused op will read it. They read
+    only parameters and constants, so moving them up keeps the graph topologically ordered."""
+    position = {n: i for i, n in enumerate(before.graph.nodes)}
+    late = {n for node in nodes for n in [node, *ancestors(node)] if position[n] >= position[before]}
+    for n in sorted(late, key=position.get):
+        before.prepend(n)
 
 
 def _between(start: fx.Node, ends: set[fx.Node]) -> set[fx.Node]:
