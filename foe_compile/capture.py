@@ -57,6 +57,8 @@ def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
     example does not pin the batch to 1); otherwise they are left off, since they turn branches
     such as `batch != 1` in library code into guards that then reject batch 1."""
     kwargs = kwargs or {}
+    if callable(getattr(module, "graph_for", None)):  # generic.ConvertedGraph: the graph serving `args`
+        module = module.graph_for(*args)
     if not dynamic:
         return torch.export.export(module, args, kwargs=kwargs, strict=False)
     if not isinstance(module, Positional):

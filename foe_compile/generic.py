@@ -64,14 +64,20 @@ class ConvertedGraph(nn.Module):
         return self.graphs[0].meta
 
     def forward(self, *args):
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.graphs[0](*args)  # traced (export, compile): the first graph, shapes stay symbolic
+        return self.graph_for(*args)(*args)
+
+    def graph_for(self, *args) -> fx.GraphModule:
+        """The graph whose guards hold for these (real) inputs, captured now if none does."""
         for gm in self.graphs:
             if _guards_hold(gm, args):
-                return gm(*args)
+                return gm
         log.info("inputs of shapes %s fail the guards of %d captured graph(s): capturing another",
                  [tuple(a.shape) for a in args if isinstance(a, Tensor)], len(self.graphs))
         gm, _ = self._build(args)
         self.graphs.append(gm)
-        return gm(*args)
+        return gm
 
 
 def _guards_hold(gm: fx.GraphModule, args: tuple) -> bool:
