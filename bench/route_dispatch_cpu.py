@@ -4,7 +4,9 @@ Shapes: Qwen3-30B-A3B (d=2048, E=128, k=8, H=4) and OLMoE (d=2048, E=64, k=8, H=
 {1, 64, 512, 4096}, residual [1, T, d]. The two implementations are timed interleaved (the CPU is
 shared), medians over repetitions; GB/s counts the compulsory bytes (inputs read once, outputs
 written once). Goal (issue 4): native >= 3x faster than the reference at T = 512.
-Run: python bench/route_dispatch_cpu.py [--threads N] [--out bench/results/route_dispatch_cpu.json]
+Run: python bench/route_dispatch_cpu.py [--threads N] [--hidden D] [--out bench/results/route_dispatch_cpu.json]
+--hidden 16 shrinks d so that softmax/top-k/placement dominate (at d=2048 they are ~10% of the op): the
+setting to time a change to the routing step itself.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/route_dispatch_cpu.json")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--hidden", type=int, default=None, help="override d (e.g. 16: routing-bound)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if native.UNAVAILABLE_REASON is not None:
@@ -55,6 +58,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     for name, shape in LAYERS.items():
+        shape = dict(shape, d=args.hidden or shape["d"])
         d, E, k, H = shape["d"], shape["E"], shape["k"], shape["H"]
         for T in TOKENS:
             g = torch.Generator().manual_seed(T)
@@ -70,7 +74,7 @@ def main() -> None:
                                  impl=impl, median_ms=seconds * 1e3, gb_per_s=nbytes / seconds / 1e9, commit=commit,
                                  torch=torch.__version__))
             speedup = medians["reference"] / medians["native"]
-            print(f"{name:6s} T={T:5d} threads={args.threads}  reference {medians['reference'] * 1e3:9.3f} ms  native "
+            print(f"{name:6s} d={d} T={T:5d} threads={args.threads}  reference {medians['reference'] * 1e3:9.3f} ms  native "
                   f"{medians['native'] * 1e3:9.3f} ms ({nbytes / medians['native'] / 1e9:5.2f} GB/s)  "
                   f"speedup {speedup:5.2f}x", flush=True)
     with open(args.out, "w") as f:

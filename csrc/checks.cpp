@@ -5,6 +5,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace foe {
 
 namespace {
@@ -62,6 +64,41 @@ void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at
               topk_weights.scalar_type());
   for (const at::Tensor* t : {&gate_up, &down, &topk_ids, &topk_weights, &sorted_pairs, &expert_offsets}) {
     TORCH_CHECK(t->device() == x.device(), "all inputs of foe::experts_swiglu must be on x's device ", x.device());
+  }
+}
+
+void check_routing_indices(const at::Tensor& topk_ids, const at::Tensor& sorted_pairs,
+                           const at::Tensor& expert_offsets, int64_t num_experts) {
+  TORCH_CHECK(topk_ids.device().is_cpu() && sorted_pairs.device().is_cpu() && expert_offsets.device().is_cpu(),
+              "check_routing_indices reads CPU tensors (on CUDA these values are not checked: see foe_ops.h)");
+  const auto ids_c = topk_ids.contiguous(), pairs_c = sorted_pairs.contiguous(), offsets_c = expert_offsets.contiguous();
+  const int64_t* ids = ids_c.const_data_ptr<int64_t>();          // [n] = [T*k], p = t*k + j
+  const int64_t* pairs = pairs_c.const_data_ptr<int64_t>();      // [n]
+  const int64_t* offsets = offsets_c.const_data_ptr<int64_t>();  // [E+1]
+  const int64_t n = ids_c.numel(), E = num_experts;
+  const char* hint = ": pass the outputs of foe::sum_route_dispatch (or reference.group_by_expert(topk_ids, E))";
+  TORCH_CHECK(pairs_c.numel() == n && offsets_c.numel() == E + 1, "sorted_pairs must hold T*k = ", n,
+              " and expert_offsets E+1 = ", E + 1, " entries, got ", pairs_c.numel(), " and ", offsets_c.numel(), hint);
+  TORCH_CHECK(offsets[0] == 0 && offsets[E] == n, "expert_offsets must start at 0 and end at T*k = ", n, ", got ",
+              offsets[0], " and ", offsets[E], hint);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(offsets[e] <= offsets[e + 1], "expert_offsets must be non-decreasing, got expert_offsets[", e,
+                "] = ", offsets[e], " > expert_offsets[", e + 1, "] = ", offsets[e + 1], hint);
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(ids[p] >= 0 && ids[p] < E, "topk_ids.flatten()[", p, "] = ", ids[p], " is not an expert id in [0, ",
+                E, ")", hint);
+  }
+  std::vector<bool> seen(n, false);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t i = offsets[e]; i < offsets[e + 1]; ++i) {
+      const int64_t p = pairs[i];
+      TORCH_CHECK(p >= 0 && p < n, "sorted_pairs[", i, "] = ", p, " is not a pair index in [0, T*k = ", n, ")", hint);
+      TORCH_CHECK(!seen[p], "sorted_pairs holds pair ", p, " twice (again at position ", i, ")", hint);
+      TORCH_CHECK(ids[p] == e, "sorted_pairs[", i, "] = ", p, " lies in expert ", e, "'s segment of expert_offsets but",
+                  " topk_ids.flatten()[", p, "] = ", ids[p], hint);
+      seen[p] = true;
+    }
   }
 }
 

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
+
 namespace foe {
 
 namespace {
@@ -58,6 +60,9 @@ at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, c
   if (n == 0) return out;
   TORCH_CHECK(inter <= 65535LL * FOE_ROWS_PER_BLOCK && d <= 65535LL * FOE_ROWS_PER_BLOCK,
               "experts_swiglu_cuda: I and d must be <= ", 65535 * FOE_ROWS_PER_BLOCK);
+  // Grid x dimensions (n pairs, T * G rows); ids/pairs/offsets values are not checked on CUDA (foe_ops.h).
+  TORCH_CHECK(n < INT_MAX && T * num_groups < INT_MAX, "experts_swiglu_cuda takes T*k and T*num_groups < 2^31; "
+              "split the batch");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FOE_DISPATCH_FLOAT_TYPES(xs.scalar_type(), "experts_swiglu_cuda", [&] {
     using Kernels = ExpertsKernels<scalar_t>;

@@ -24,6 +24,18 @@ void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at
                         const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
                         const at::Tensor& expert_offsets, int64_t num_groups);
 
+// Values of the routing tensors passed to foe::experts_swiglu, O(T*k + E) on CPU tensors (contiguous
+// int64; shapes already checked by check_experts_args). Raises unless expert_offsets [E+1] starts at 0, never
+// decreases and ends at T*k; every topk_ids entry is in [0, E); sorted_pairs [T*k] holds every pair index
+// p in [0, T*k) exactly once, in the segment of expert topk_ids.flatten()[p]. Then no kernel indexes out of
+// bounds and every implementation computes the same sum.
+// On CUDA the values are NOT checked (that needs a device-to-host copy, i.e. a synchronisation, which the
+// CUDA-graph-safe ops avoid): the CUDA/CuPy entry points check shapes, dtypes and devices only, and trust
+// ids/pairs/offsets to come from foe::sum_route_dispatch, whose kernels emit ids in [0, E) also for NaN
+// inputs; its grouping kernels trap (__trap) on an id outside [0, E) rather than write out of bounds.
+void check_routing_indices(const at::Tensor& topk_ids /*[T,k]*/, const at::Tensor& sorted_pairs /*[T*k]*/,
+                           const at::Tensor& expert_offsets /*[E+1]*/, int64_t num_experts);
+
 // Stable counting sort of the flattened picks by expert, on the host.
 void group_by_expert_host(const int64_t* ids /*[n]*/, int64_t n, int64_t num_experts,
                           int64_t* pairs /*[n]*/, int64_t* offsets /*[E+1]*/);

@@ -2,6 +2,9 @@
 // kernels/route_dispatch.cuh (the same extern "C" entry points that CuPy compiles with NVRTC).
 // Default (split): norm kernel, logits = at::linear(xn, router_weight) (cuBLAS; the reference's own call),
 // softmax/top-k kernel, grouping. FOE_CUDA_ROUTE=fused selects the older one-block-per-token kernel.
+// Checked here (host, no synchronisation): shapes, dtypes, devices, and sizes the kernels' int indexing and
+// shared memory can hold. Not checked: values (NaN/Inf inputs are legal: NaN ranks first in top-k, see
+// kernels/route_dispatch.cuh; ids always land in [0, E) and the grouping kernels trap otherwise).
 #include "dispatch_types.h"
 #include "cuda_launch.h"
 #include "foe_ops.h"
@@ -108,6 +111,8 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
   TORCH_CHECK((E + top_k) * 4 <= 48 * 1024, "the CUDA route kernel keeps E + top_k floats in shared memory: E <= 12000");
   at::Tensor r, xn, ids, weights, pairs, offsets;
   std::tie(r, xn, ids, weights, pairs, offsets) = empty_route_outputs(par, E, top_k);
+  TORCH_CHECK(T < INT_MAX && T * top_k < INT_MAX, "the CUDA route kernels take T*k < 2^31 (T=", T, ", k=", top_k,
+              "); split the batch");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (T > 0 && use_fused_kernel()) {
     FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {
@@ -120,7 +125,6 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   } else if (T > 0) {
-    TORCH_CHECK(T < INT_MAX, "the CUDA route kernels take T < 2^31 tokens; split the batch");
     FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {
       constexpr int64_t vec = 16 / sizeof(scalar_t);
       const bool vectorised = d % vec == 0 && aligned16(res) && aligned16(par) && aligned16(nw) &&

@@ -15,6 +15,8 @@
 // norm, router GEMV on CUDA cores, softmax and top-k.
 // Grouping is deterministic and stable: pairs of one expert come out in ascending order, exactly as the
 // reference's stable sort. No atomics on global memory, no host synchronisation, CUDA-graph safe.
+// NaN: a row whose probabilities are NaN still gets k/H distinct ids in each block (foe_pick_best ranks NaN
+// first, lower id on ties) and NaN weights; the grouping kernels trap on an id outside [0, E).
 #pragma once
 
 #include "common.cuh"
@@ -26,6 +28,36 @@
 #define FOE_GROUP_THREADS 1024
 #define FOE_GROUP_SMALL 4096
 #define FOE_SCAN_THREADS 1024
+
+// Selection rule of both CUDA route kernels (and the rule the C++ kernel's torch.topk order agrees with
+// wherever values are distinct): NaN ranks above every number, as torch.topk; among equal keys (ties, or
+// several NaNs) the lower expert id wins. Taken experts hold FOE_TAKEN and never win again.
+// NOTE: torch.topk on CPU leaves ties in its nth_element order (the C++ kernel reproduces it), on CUDA in
+// its radix-select order: on exact ties the CUDA kernels may pick other (equally scored) experts than the
+// reference; every id is still in [0, E) and a NaN row's weights are NaN either way.
+#define FOE_TAKEN (-1.f)
+
+// Key of a probability p in [0, 1] or NaN for the comparison above: NaN -> 2 (above every probability).
+__device__ __forceinline__ float foe_rank_key(float p) { return p != p ? 2.f : p; }
+
+// The winning expert id of probs[begin, end) (shared memory), computed by a whole warp (all 32 lanes call).
+// Always in [begin, end): every untaken key (NaN included) is >= 0 > FOE_TAKEN, so an untaken expert wins
+// while one is left (the launchers ask for k / H <= E / H picks per block); were all taken, `begin` comes back.
+__device__ __forceinline__ int foe_pick_best(const float* probs, int begin, int end) {
+  const int lane = threadIdx.x & 31;
+  float best = FOE_TAKEN;
+  int best_id = begin;
+  for (int e = begin + lane; e < end; e += 32) {
+    const float key = foe_rank_key(probs[e]);
+    if (key > best) best = key, best_id = e;  // ascending e: keeps the lower id on ties
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
+    if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
+  }
+  return best_id;
+}
 
 template <typename scalar_t>
 __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long long residual_group_stride /*0 or T*d*/,
@@ -46,7 +78,7 @@ __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long lon
       acc += foe_round<scalar_t>(foe_to_float(residual[h * residual_group_stride + t * d + i]) +
                                  foe_to_float(partials[(h * T + t) * d + i]));
     }
-    const scalar_t ri = foe_from_float<scalar_t>(foe_round<scalar_t>(acc) / (float)H);  // ATen mean: sum, then divide
+    const scalar_t ri = foe_from_float<scalar_t>(acc * (1.f / (float)H));  // ATen's CUDA mean (foe_norm_row)
     r[t * d + i] = ri;
     sumsq += foe_to_float(ri) * foe_to_float(ri);
   }
@@ -77,20 +109,11 @@ __device__ void foe_route_tokens(const scalar_t* residual /*[Hr,T,d]*/, long lon
   const int block = E / H, per_group = k / H;
   for (int g = warp; g < H; g += warps) {
     for (int j = 0; j < per_group; ++j) {
-      float best = -1.f;
-      int best_id = E;
-      for (int e = g * block + lane; e < (g + 1) * block; e += 32) {
-        if (probs[e] > best) best = probs[e], best_id = e;  // ascending e: keeps the lower id on ties
-      }
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        const float other = __shfl_xor_sync(0xffffffffu, best, offset);
-        const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
-        if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
-      }
+      const int best_id = foe_pick_best(probs, g * block, (g + 1) * block);
       if (lane == 0) {
         ids[t * k + g * per_group + j] = best_id;
-        picked[g * per_group + j] = best;
-        probs[best_id] = -1.f;  // probabilities are >= 0: marks the expert as taken
+        picked[g * per_group + j] = probs[best_id];
+        probs[best_id] = FOE_TAKEN;
       }
       __syncwarp();
     }
@@ -145,7 +168,9 @@ __device__ __forceinline__ void foe_norm_row(const scalar_t* __restrict__ residu
     pack out;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      out.v[i] = foe_from_float<scalar_t>(foe_round<scalar_t>(acc[i]) / (float)H);  // ATen mean: sum, then divide
+      // ATen's CUDA mean (MeanOps): fp32 sum times the fp32 factor 1/H, rounded once; rounding the sum to the
+      // dtype first would overflow fp16 where the mean does not.
+      out.v[i] = foe_from_float<scalar_t>(acc[i] * (1.f / (float)H));
       const float ri = foe_to_float(out.v[i]);
       sumsq += ri * ri;
     }
@@ -218,22 +243,11 @@ __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logi
   const int block = E / H, per_group = k / H;
   for (int g = 0; g < H; ++g) {
     for (int j = 0; j < per_group; ++j) {
-      float best = -1.f;  // taken experts hold -1 and never win; probabilities are >= 0
-      int best_id = E;
-      for (int e = g * block + lane; e < (g + 1) * block; e += 32) {
-        const float p = probs[e];
-        const float key = p != p ? 2.f : p;  // torch.topk ranks NaN above every number
-        if (key > best) best = key, best_id = e;  // ascending e: keeps the lower id on ties
-      }
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        const float other = __shfl_xor_sync(0xffffffffu, best, offset);
-        const int other_id = __shfl_xor_sync(0xffffffffu, best_id, offset);
-        if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
-      }
+      const int best_id = foe_pick_best(probs, g * block, (g + 1) * block);
       if (lane == 0) {
         ids[t * k + g * per_group + j] = best_id;
         picked[g * per_group + j] = probs[best_id];
-        probs[best_id] = -1.f;
+        probs[best_id] = FOE_TAKEN;
       }
       __syncwarp();
     }
@@ -271,6 +285,15 @@ __device__ __forceinline__ int foe_warp_exclusive_scan(int value, int* total) {
   return inclusive - value;
 }
 
+// An expert id read by the grouping kernels (first readers of ids; foe_place_tiles runs after foe_count_tiles).
+// The top-k kernels emit ids in [0, E) only (NaN rows included), so this never fires; were a bug to emit
+// another id, the launch stops (cudaErrorLaunchFailure, the context is lost, like a device-side assert)
+// instead of writing out of bounds. One compare per pair.
+__device__ __forceinline__ int foe_checked_expert(long long e, int E) {
+  if ((unsigned long long)e >= (unsigned long long)E) __trap();
+  return (int)e;
+}
+
 // grid = 1, block = FOE_GROUP_THREADS, shared = (E + n) ints, n = T*k <= FOE_GROUP_SMALL.
 extern "C" __global__ void __launch_bounds__(FOE_GROUP_THREADS) foe_group_small(const long long* __restrict__ ids,
                                                                                 int n, int E,
@@ -282,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(FOE_GROUP_THREADS) foe_group_small(
   for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[e] = 0;
   __syncthreads();
   for (int p = threadIdx.x; p < n; p += blockDim.x) {
-    const int e = (int)ids[p];
+    const int e = foe_checked_expert(ids[p], E);
     expert[p] = e;
     atomicAdd(&cursor[e], 1);  // shared-memory counts: order does not matter
   }
@@ -327,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(FOE_TILE) foe_count_tiles(const lon
   for (int e = threadIdx.x; e < E; e += blockDim.x) histogram[e] = 0;
   __syncthreads();
   const long long p = (long long)blockIdx.x * FOE_TILE + threadIdx.x;
-  if (p < n) atomicAdd(&histogram[ids[p]], 1);  // shared-memory counts: order does not matter
+  if (p < n) atomicAdd(&histogram[foe_checked_expert(ids[p], E)], 1);  // shared-memory counts: any order
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) tile_counts[(long long)e * tiles + blockIdx.x] = histogram[e];
 }

@@ -1,16 +1,20 @@
 // CTest: the C++ CPU kernels against a scalar C++ reference written here (formulas of reference.py).
 // Float outputs within 1e-5 (fp32), ids / sorted_pairs / expert_offsets exactly equal, including the
-// stable order of pairs within an expert. Exits non-zero with a message on the first mismatch.
+// stable order of pairs within an expert. NaN rows and exact ties: ids equal at::topk's (the reference's
+// torch.topk) exactly. Bad routing indices raise c10::Error. Exits non-zero on the first mismatch.
 #include "foe_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <array>
+#include <limits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace {
@@ -141,6 +145,110 @@ void check_grouping_adversarial() {
   expect(offsets[3] == offsets[6] && offsets[E] == n, "group_by_expert_host offsets", n, E, 1, 1);
 }
 
+
+// ids of the reference: quota top-(k/H) of softmax(linear(xn, router)) by at::topk (torch.topk's CPU kernel).
+at::Tensor topk_ids_of(const at::Tensor& xn, const at::Tensor& router, int64_t k, int64_t H) {
+  const int64_t T = xn.size(0), E = router.size(0), block = E / H;
+  const auto probs = at::softmax(at::linear(xn, router).to(at::kFloat), -1).view({T, H, block});
+  const auto local = std::get<1>(at::topk(probs, k / H, -1));
+  return (local + at::arange(H, local.options()).view({1, H, 1}) * block).reshape({T, k});
+}
+
+// Structural invariants that keep every consumer in bounds: ids in their group's block and distinct within a
+// row, pairs/offsets the stable grouping of ids.
+void check_route_invariants(const foe::RouteOutputs& out, int64_t E, int64_t k, int64_t H, const char* what) {
+  const auto& [r, xn, ids, weights, pairs, offsets] = out;
+  const int64_t T = ids.size(0), block = E / H, per_group = k / H;
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t g = j / per_group;
+      expect(id[t * k + j] >= g * block && id[t * k + j] < (g + 1) * block, what, T, E, k, H);
+      for (int64_t i = 0; i < j; ++i) expect(id[t * k + i] != id[t * k + j], what, T, E, k, H);
+    }
+  }
+  std::vector<int64_t> want_pairs(T * k), want_offsets(E + 1);
+  foe::group_by_expert_host(id, T * k, E, want_pairs.data(), want_offsets.data());
+  expect(equal(pairs, want_pairs) && equal(offsets, want_offsets), what, T, E, k, H);
+}
+
+// A NaN in one token's partials (or an Inf: RMSNorm then gives NaN) makes that row's r/xn/weights NaN, its ids
+// torch.topk's picks among NaNs; every other row is bit-identical to the run without it.
+void check_route_nan(int64_t E, int64_t k, int64_t H, float poison) {
+  const int64_t T = 7, d = 24, bad = 3;
+  const auto residual = at::randn({1, T, d}), partials = at::randn({H, T, d});
+  const auto norm_weight = 1 + 0.1 * at::randn({d}), router = at::randn({E, d});
+  const auto clean = foe::sum_route_dispatch_cpu(residual, partials, norm_weight, 1e-6, router, H, k, true);
+  auto poisoned_partials = partials.clone();
+  poisoned_partials[H - 1][bad][d / 2] = poison;
+  const auto out = foe::sum_route_dispatch_cpu(residual, poisoned_partials, norm_weight, 1e-6, router, H, k, true);
+  check_route_invariants(out, E, k, H, "NaN row: ids/pairs/offsets in range");
+  const auto& [r, xn, ids, weights, pairs, offsets] = out;
+  expect(weights[bad].isnan().all().item<bool>() && xn[bad].isnan().any().item<bool>(), "NaN row: NaN weights", T,
+         E, k, H);
+  expect(at::equal(ids, topk_ids_of(xn, router, k, H)), "NaN row: ids equal torch.topk's", T, E, k, H);
+  const auto rest = at::arange(T).ne(bad).nonzero().flatten();
+  expect(at::equal(r.index_select(0, rest), std::get<0>(clean).index_select(0, rest)) &&
+             at::equal(xn.index_select(0, rest), std::get<1>(clean).index_select(0, rest)) &&
+             at::equal(ids.index_select(0, rest), std::get<2>(clean).index_select(0, rest)) &&
+             at::equal(weights.index_select(0, rest), std::get<3>(clean).index_select(0, rest)),
+         "NaN row: other rows unchanged", T, E, k, H);
+}
+
+// Exact ties (a zero router: every probability 1/E) resolve as torch.topk resolves them, not "lower id first",
+// through both of its algorithms (nth_element + sort when k/H * 64 > E/H, partial_sort otherwise).
+void check_route_ties(int64_t E, int64_t k, int64_t H) {
+  const int64_t T = 5, d = 16;
+  const auto out = foe::sum_route_dispatch_cpu(at::randn({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
+                                               at::zeros({E, d}), H, k, true);
+  check_route_invariants(out, E, k, H, "ties: ids/pairs/offsets in range");
+  expect(at::equal(std::get<2>(out), topk_ids_of(std::get<1>(out), at::zeros({E, d}), k, H)),
+         "ties: ids equal torch.topk's", T, E, k, H);
+}
+
+// Routing tensors that would index out of bounds are refused with a message naming the problem.
+void check_bad_routing_indices() {
+  const int64_t T = 4, E = 6, k = 2, H = 2, d = 8, inter = 4;
+  const auto routed = foe::sum_route_dispatch_cpu(at::zeros({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
+                                                  at::randn({E, d}), H, k, true);
+  const auto& [r, x, ids, weights, pairs, offsets] = routed;
+  const auto gate_up = at::randn({E, 2 * inter, d}), down = at::randn({E, d, inter});
+  const auto expect_error = [&](const at::Tensor& i, const at::Tensor& p, const at::Tensor& o, const char* needle) {
+    bool raised = false;
+    try {
+      foe::experts_swiglu_cpu(x, gate_up, down, i, weights, p, o, H);
+    } catch (const c10::Error& error) {
+      raised = std::string(error.what()).find(needle) != std::string::npos;
+      if (!raised) std::fprintf(stderr, "unexpected message: %s\n", error.what());
+    }
+    expect(raised, needle, T, E, k, H);
+  };
+  foe::experts_swiglu_cpu(x, gate_up, down, ids, weights, pairs, offsets, H);  // the genuine ones pass
+  auto o = offsets.clone();
+  o[E] = T * k + 1;
+  expect_error(ids, pairs, o, "end at T*k");
+  o = offsets.clone();
+  o[0] = 1;
+  expect_error(ids, pairs, o, "start at 0");
+  o = offsets.clone();
+  o[2] = T * k;  // expert 2's segment ends past expert 3's start
+  o[3] = 0;
+  expect_error(ids, pairs, o, "non-decreasing");
+  auto i = ids.clone();
+  i[1][1] = E;
+  expect_error(i, pairs, offsets, "is not an expert id");
+  i = ids.clone();
+  i[0][0] = -1;
+  expect_error(i, pairs, offsets, "is not an expert id");
+  auto p = pairs.clone();
+  p[0] = T * k;
+  expect_error(ids, p, offsets, "is not a pair index");
+  p = pairs.clone();
+  p[1] = p[0];
+  expect_error(ids, p, offsets, "twice");
+  p = pairs.flip(0).contiguous();  // a permutation, but not grouped by expert
+  expect_error(ids, p, offsets, "segment");
+}
 }  // namespace
 
 int main() {
@@ -154,6 +262,18 @@ int main() {
     check_experts(T, 12, 4, 2);
   }
   check_grouping_adversarial();
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (float poison : {nan, inf, -inf}) {
+    check_route_nan(12, 4, 2, poison);
+    check_route_nan(60, 8, 4, poison);
+    check_route_nan(8, 8, 1, poison);   // k = E
+    check_route_nan(130, 2, 1, poison);  // partial_sort path
+  }
+  for (const auto& [E, k, H] : std::vector<std::array<int64_t, 3>>{{12, 2, 1}, {60, 8, 4}, {64, 8, 8}, {130, 2, 1},
+                                                                   {128, 2, 1}, {8, 8, 1}, {1, 1, 1}}) {
+    check_route_ties(E, k, H);
+  }
+  check_bad_routing_indices();
   for (const char* op : {"foe::sum_route_dispatch_native", "foe::experts_swiglu_native"}) {
     const auto handle = c10::Dispatcher::singleton().findSchema({op, ""});
     expect(handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CPU), op, 0, 0, 0, 0);

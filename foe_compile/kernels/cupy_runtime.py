@@ -5,6 +5,11 @@ nvcc builds into the extension is compiled with `cupy.RawModule` on first use an
 tensors (raw data pointers) on torch's current stream, so it composes with torch streams and CUDA-graph
 capture (compile before capturing: run once eagerly). The .cuh sources are read from the repository
 checkout (editable install). Needs: cupy, a CUDA device.
+
+Checked before launching (host side, no device sync): shapes, dtypes (int64 routing tensors), devices and
+the sizes the kernels index with int. Not checked: the values of topk_ids / sorted_pairs / expert_offsets
+handed to experts_swiglu (see _check_routing_tensors). NaN inputs to sum_route_dispatch are legal: the
+same .cuh rule as the native CUDA kernels (NaN ranks first, ids always in [0, E), NaN weights).
 """
 from __future__ import annotations
 
@@ -68,6 +73,24 @@ def _check_dtype(*tensors: Tensor) -> str:
     return SUFFIX[dtype]
 
 
+def _check_routing_tensors(ids: Tensor, weights: Tensor, pairs: Tensor, offsets: Tensor, device: torch.device) -> None:
+    """What the experts kernels need of the routing tensors and can be checked without a device sync.
+
+    The kernels read ids and pairs as int64 (`long long*`): another dtype would be read past its end. Their
+    values (ids in [0, E), pairs a permutation of [0, T*k), offsets) are NOT checked on CUDA: that needs a
+    device-to-host copy, which CUDA-graph capture forbids. Pass foe::sum_route_dispatch's outputs; the C++
+    CPU kernel checks the values (check_routing_indices in csrc/checks.cpp)."""
+    if any(t.dtype != torch.int64 for t in (ids, pairs, offsets)):
+        raise TypeError(f"topk_ids, sorted_pairs and expert_offsets must be int64 (as foe::sum_route_dispatch returns "
+                        f"them), got {ids.dtype}, {pairs.dtype}, {offsets.dtype}")
+    if weights.shape != ids.shape or ids.dim() != 2:
+        raise ValueError(f"topk_ids and topk_weights must both be [T, k], got {tuple(ids.shape)}, {tuple(weights.shape)}")
+    if any(t.device != device for t in (ids, weights, pairs, offsets)):
+        raise ValueError(f"all inputs of foe::experts_swiglu must be on x's device {device}")
+    if ids.numel() >= 2**31:
+        raise ValueError("the CUDA experts kernels take T*k < 2^31: split the batch")
+
+
 def _group_by_expert(ids: Tensor, num_experts: int, pairs: Tensor, offsets: Tensor) -> None:
     """Stable grouping on the device, the launch plan of group_by_expert_cuda (route_dispatch_cuda.cu)."""
     c = _constants()
@@ -124,6 +147,7 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
                    sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int) -> Tensor:
     ops.check_experts_args(x, gate_up, down, topk_ids, sorted_pairs, expert_offsets, num_groups)
     suffix = _check_dtype(x, gate_up, down, topk_weights)
+    _check_routing_tensors(topk_ids, topk_weights, sorted_pairs, expert_offsets, x.device)
     xs, gu, dn, ids, weights, pairs = (t.contiguous() for t in (x, gate_up, down, topk_ids, topk_weights, sorted_pairs))
     T, d = xs.shape
     k, E, inter = ids.shape[1], gu.shape[0], gu.shape[1] // 2

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from foe_compile.kernels import cupy_runtime
+from foe_compile.kernels import cupy_runtime, reference
 
 from native_cases import ROUTINGS, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
 
@@ -54,3 +54,27 @@ def test_route_large_and_decode(T):
 def test_route_odd_hidden_size_scalar_path(dtype):
     args = route_inputs(33, 60, 8, 4, d=97, dtype=dtype, device="cuda", residual_groups=4)
     check_route(cupy_runtime.sum_route_dispatch(*args), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,top_k,H", [(12, 2, 1), (60, 8, 4), (8, 8, 1), (128, 8, 4)])
+def test_route_nan_rows(dtype, E, top_k, H):
+    # The same .cuh as the native CUDA kernels: NaN ranks first, ids stay in their block, NaN rows' weights NaN.
+    args = list(route_inputs(7, E, top_k, H, d=96, dtype=dtype, device="cuda"))
+    args[1] = args[1].clone()
+    args[1][0, 1, 0] = float("nan")
+    r, xn, ids, weights, pairs, offsets = cupy_runtime.sum_route_dispatch(*args)
+    torch.cuda.synchronize()
+    assert bool(((ids // (E // H)) == torch.arange(top_k, device="cuda") // (top_k // H)).all())
+    assert torch.equal(weights.isnan().any(dim=1), torch.arange(7, device="cuda") == 1)
+    expect_pairs, expect_offsets = reference.group_by_expert(ids, E)
+    assert torch.equal(pairs, expect_pairs) and torch.equal(offsets, expect_offsets)
+
+
+def test_experts_refuse_int32_routing_tensors():
+    # The kernels read ids and pairs as int64: an int32 tensor would be read past its end.
+    x, gate_up, down, ids, weights, pairs, offsets, H = experts_inputs(7, 60, 4, 2, device="cuda")
+    with pytest.raises(TypeError, match="int64"):
+        cupy_runtime.experts_swiglu(x, gate_up, down, ids.int(), weights, pairs, offsets, H)
+    with pytest.raises(TypeError, match="int64"):
+        cupy_runtime.experts_swiglu(x, gate_up, down, ids, weights, pairs.int(), offsets, H)

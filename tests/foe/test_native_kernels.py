@@ -8,7 +8,7 @@ import torch
 
 from foe_compile.kernels import dispatch, native, reference
 
-from native_cases import ROUTINGS, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
+from native_cases import ROUTINGS, TOL, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
 
 pytestmark = pytest.mark.skipif(native.UNAVAILABLE_REASON is not None, reason=str(native.UNAVAILABLE_REASON))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not native.has_cuda(),
@@ -55,6 +55,63 @@ def test_route_identical_tokens_keep_token_order():
 def test_experts(T, dtype):
     args = experts_inputs(T, 60, 4, 2, dtype=dtype)
     check_experts(experts_native(*args), args)
+
+
+# NaN contract (csrc/route_dispatch_cpu.cpp, kernels/route_dispatch.cuh): ids stay in their group's block, a
+# poisoned row's weights are NaN like the reference's, other rows are untouched. (E, top_k, H): k = E and
+# k/H * 64 <= E/H (torch.topk's partial_sort branch) included.
+NAN_ROUTINGS = [(12, 2, 1), (60, 8, 4), (8, 8, 1), (130, 2, 1)]
+
+
+def nan_route_inputs(E, top_k, H, dtype=torch.float32, device="cpu"):
+    """T = 7; token 1 has a NaN partial, token 3 an Inf one (RMSNorm then gives NaN); the rest are finite."""
+    args = list(route_inputs(7, E, top_k, H, dtype=dtype, device=device))
+    args[1] = args[1].clone()
+    args[1][0, 1, 0] = float("nan")
+    args[1][H - 1, 3, :] = float("inf")
+    return tuple(args)
+
+
+def check_nan_rows(got, args, exact_ids: bool) -> None:
+    want = reference.sum_route_dispatch(*args)
+    r, xn, ids, weights, pairs, offsets = got
+    E, H, top_k = args[4].shape[0], args[5], args[6]
+    slot_group = torch.arange(top_k, device=ids.device) // (top_k // H)
+    assert bool(((ids // (E // H)) == slot_group).all()), f"ids outside their block: {ids.tolist()}"
+    assert bool((ids.sort(dim=1).values.diff(dim=1) > 0).all()), "an expert picked twice in one row"
+    expect_pairs, expect_offsets = reference.group_by_expert(ids, E)
+    assert torch.equal(pairs, expect_pairs) and torch.equal(offsets, expect_offsets)
+    nan_rows = torch.tensor([False, True, False, True, False, False, False], device=ids.device)
+    assert torch.equal(weights.isnan().all(dim=1), nan_rows) and torch.equal(weights.isnan().any(dim=1), nan_rows)
+    assert torch.equal(weights.isnan(), want[3].isnan()) and torch.equal(xn.isnan(), want[1].isnan())
+    rtol, atol = TOL[args[1].dtype]
+    torch.testing.assert_close(r, want[0], rtol=rtol, atol=atol, equal_nan=True)
+    if exact_ids:  # CPU: torch.topk's own order, NaN rows included
+        assert torch.equal(ids, want[2]) and torch.equal(pairs, want[4]) and torch.equal(offsets, want[5])
+
+
+@pytest.mark.parametrize("E,top_k,H", NAN_ROUTINGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_nan_rows(E, top_k, H, dtype):
+    args = nan_route_inputs(E, top_k, H, dtype)
+    check_nan_rows(route_native(*args), args, exact_ids=True)
+
+
+@pytest.mark.parametrize("E,top_k,H", NAN_ROUTINGS + [(64, 8, 8)])
+def test_route_exact_ties_resolve_like_torch_topk(E, top_k, H):
+    # A zero router makes every probability 1/E: the picks are torch.topk's tie order (not "lower id first").
+    args = list(route_inputs(9, E, top_k, H, d=8))
+    args[4] = torch.zeros_like(args[4])
+    got, want = route_native(*args), reference.sum_route_dispatch(*args)
+    assert torch.equal(got[2], want[2]) and torch.equal(got[4], want[4]) and torch.equal(got[5], want[5])
+
+
+def test_experts_refuse_out_of_range_ids():
+    x, gate_up, down, ids, weights, pairs, offsets, H = experts_inputs(3, 12, 2, 1)
+    bad = ids.clone()
+    bad[1, 0] = 12
+    with pytest.raises(RuntimeError, match="not an expert id in"):
+        experts_native(x, gate_up, down, bad, weights, pairs, offsets, H)
 
 
 def test_experts_catch_gate_up_swap():
@@ -195,3 +252,21 @@ def test_route_cuda_fused_kernel_still_selectable():
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FOE_CUDA_ROUTE="fused"), cwd=root,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("E,top_k,H", NAN_ROUTINGS + [(128, 8, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_cuda_nan_rows(monkeypatch, mode, E, top_k, H, dtype):
+    # Before the fix the fused kernel emitted id E for a NaN row (out of bounds in the grouping kernels).
+    if mode == "fused":
+        monkeypatch.setenv("FOE_CUDA_ROUTE", "fused")  # read on every call (route_dispatch_cuda.cu)
+    args = nan_route_inputs(E, top_k, H, dtype, device="cuda")
+    got = route_native(*args)
+    torch.cuda.synchronize()
+    check_nan_rows(got, args, exact_ids=False)  # CUDA ties (NaN rows too) go to the lower id
+    block = E // H
+    nan_ids = got[2][1].view(H, top_k // H)  # a NaN row: the lowest ids of each block, in order
+    assert torch.equal(nan_ids, torch.arange(top_k // H, device="cuda") + block * torch.arange(H, device="cuda")[:, None])

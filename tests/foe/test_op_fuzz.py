@@ -1,0 +1,420 @@
+"""Property-based fuzzing of the op boundary (hypothesis): foe::sum_route_dispatch and foe::experts_swiglu on
+every implementation present on this machine, against the plain-PyTorch reference (reference.py).
+
+Drawn: T in {0, 1, primes, one past the C++ kernel's 64-token chunk}, fp32/bf16/fp16, E = 1 ... 40 with
+H in {1, 2, 3, 4} dividing E and k (k = E included), d down to 1 (d = 1 and a zero router give exact ties),
+renormalize on/off, residual [1 or H, T, d], and poison: NaN / +-Inf / huge values in a few tokens, a NaN
+router row, or tie-making routers. The NaN contract (csrc/route_dispatch_cpu.cpp, kernels/route_dispatch.cuh):
+ids stay in [0, E) and distinct per group; a poisoned row's outputs are NaN exactly where the reference's are;
+other rows are unaffected. On CPU the C++ ids equal the reference's torch.topk ids exactly, ties and NaN
+rows included. Implementations: the C++ kernels (always here), Triton's interpreter for the experts (tiny
+example count), and on a CUDA machine the native CUDA and CuPy kernels (marked gpu).
+
+Examples are derandomized (the same cases every CI run, ~30 s on 2 cores). For a longer, random hunt:
+FOE_FUZZ_SCALE=20 FOE_FUZZ_RANDOM=1 pytest tests/foe/test_op_fuzz.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (the [test] extra)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from foe_compile.kernels import dispatch, reference  # noqa: E402
+
+# ---- what runs here ------------------------------------------------------------------------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def implementations(op: str) -> list:
+    """(backend, device) pairs of `op` present on this machine, each a pytest param (CUDA ones marked gpu)."""
+    found = []
+    for device in DEVICES:
+        for backend in ("native", "cupy", "triton"):
+            if dispatch.available(op, backend, device):
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                found.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return found or [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no compiled kernel of foe::{op} here "
+                                                                               "(build the extension)"))]
+
+
+def run(op: str, backend: str, *args):
+    """The public op, through its dispatcher entry, with `backend` selected (as FOE_KERNELS=<backend> does)."""
+    with dispatch.use_backend(backend):
+        return getattr(torch.ops.foe, op)(*args)
+
+
+SCALE = float(os.environ.get("FOE_FUZZ_SCALE", "1"))
+RANDOM = bool(os.environ.get("FOE_FUZZ_RANDOM"))
+
+
+def fuzz_settings(examples: int):
+    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=not RANDOM,
+                    database=None, print_blob=RANDOM,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ---- tolerances (STYLE rule 8) -------------------------------------------------------------------------
+
+# (rtol, atol) for r, xn and topk_weights; ids, sorted_pairs, expert_offsets compare exactly.
+ROUTE_TOL = {
+    torch.float32: (1e-5, 1e-5),
+    # r/xn round where the reference rounds; RMSNorm's sum-of-squares order can move xn by an ulp (bf16 2^-7 at 1,
+    # fp16 2^-10), which moves logits and so the weights by about as much.
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+# (rtol, atol) for experts_swiglu's output [G, T, d] (inputs of unit scale, weights scaled by 1/sqrt(fan-in)).
+EXPERTS_TOL = {
+    torch.float32: (1e-5, 2e-5),  # GEMM summation order only
+    # The reference rounds gate/up, silu*up, the weighted row and every index_add_ to the dtype; Triton keeps
+    # fp32 until h and y, the C++ kernel follows the reference's ops: a few ulps apart.
+    torch.bfloat16: (2e-2, 3e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+# Largest reference-logit gap between two experts that an implementation may swap when its xn differs from
+# the reference's by an ulp (bf16/fp16 RMSNorm order): two ulps of a logit below 4. fp32 xn agrees bit for bit.
+LOGIT_ATOL = {torch.float32: 0.0, torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
+# Softmax rounding: distinct logits whose fp32 probabilities are this close (relative) may order either way.
+PROB_RTOL = 4 * torch.finfo(torch.float32).eps
+HUGE = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}  # near the dtype's max: sums overflow
+
+# ---- strategies ----------------------------------------------------------------------------------------
+
+TOKENS = [0, 1, 2, 3, 7, 19, 65]  # 0, 1, primes, one past the C++ kernel's 64-token chunk
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+POISONS = ["none", "nan", "inf", "-inf", "huge", "nan_router_row", "zero_router", "coarse_router"]
+
+
+@st.composite
+def routings(draw):
+    """(E, k, H): H in {1, 2, 3, 4} divides E and k (3: the mean over groups is not exact); k = E, E = 1 included."""
+    H = draw(st.sampled_from([1, 2, 3, 4]))
+    block = draw(st.sampled_from([1, 2, 3, 5, 8, 10]))
+    per_group = draw(st.integers(1, block))
+    return H * block, H * per_group, H
+
+
+@st.composite
+def route_cases(draw):
+    E, k, H = draw(routings())
+    return dict(T=draw(st.sampled_from(TOKENS)), E=E, k=k, H=H, d=draw(st.sampled_from([1, 2, 5, 16, 24])),
+                dtype=draw(st.sampled_from(DTYPES)), renormalize=draw(st.booleans()),
+                residual_groups=draw(st.sampled_from([1, H])), poison=draw(st.sampled_from(POISONS)),
+                rows=draw(st.lists(st.integers(0, 64), min_size=1, max_size=3)),
+                eps=draw(st.sampled_from([1e-6, 1e-5])), seed=draw(st.integers(0, 2**16)))
+
+
+def route_args(c: dict, device: str = "cpu"):
+    """Arguments of foe::sum_route_dispatch for case `c`, poisoned as it says."""
+    g = torch.Generator().manual_seed(c["seed"])
+    T, E, H, d, dtype = c["T"], c["E"], c["H"], c["d"], c["dtype"]
+    residual = torch.randn(c["residual_groups"], T, d, generator=g)
+    partials = torch.randn(H, T, d, generator=g)
+    norm_weight = 1 + 0.1 * torch.randn(d, generator=g)
+    router = torch.randn(E, d, generator=g) / d ** 0.5
+    poison, rows = c["poison"], sorted({r % T for r in c["rows"]}) if T else []
+    if poison in ("nan", "inf", "-inf", "huge"):
+        value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": HUGE[dtype]}[poison]
+        for i, t in enumerate(rows):  # alternate between a partial and the residual, one element or the row
+            target = partials[i % H] if i % 2 == 0 else residual[i % residual.shape[0]]
+            if i % 3 == 2:
+                target[t] = value
+            else:
+                target[t, (t + i) % d] = value
+    elif poison == "nan_router_row":  # corrupted weights: every token's probabilities are NaN
+        router[c["seed"] % E] = float("nan")
+    elif poison == "zero_router":     # every probability 1/E: pure ties
+        router.zero_()
+    elif poison == "coarse_router":   # few distinct logits: many exact ties
+        router = (router * 2).round() / 2
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(residual), to(partials), to(norm_weight), c["eps"], to(router), H, c["k"], c["renormalize"]
+
+
+# ---- checks --------------------------------------------------------------------------------------------
+
+def check_structure(ids, pairs, offsets, E: int, k: int, H: int) -> None:
+    """What keeps every consumer in bounds: int64 ids in their group's block, distinct per row, and
+    pairs/offsets exactly the stable grouping of those ids."""
+    assert ids.dtype == pairs.dtype == offsets.dtype == torch.int64
+    T, block = ids.shape[0], E // H
+    group_of_slot = torch.arange(k, device=ids.device) // (k // H)
+    assert bool(((ids // block) == group_of_slot).all()), f"ids outside their group's block: {ids.tolist()}"
+    if T:
+        assert bool((ids.sort(dim=1).values.diff(dim=1) > 0).all()), "an expert picked twice in one row"
+    want_pairs, want_offsets = reference.group_by_expert(ids, E)
+    assert torch.equal(pairs, want_pairs) and torch.equal(offsets, want_offsets)
+
+
+def check_ids(got_ids, got_xn, want, args, exact_ties: bool) -> None:
+    """got_ids equal the reference's ids, except swaps the rounding explains:
+    - rows whose xn equals the reference's bit for bit: only between experts with distinct logits whose fp32
+      probabilities are within PROB_RTOL (softmax summation order); exact ties and NaN rows resolve exactly as
+      torch.topk does when `exact_ties` (CPU); on CUDA the kernels take the lower id on ties (documented), so
+      there any tie, and any order inside a NaN row, is accepted;
+    - rows whose xn differs by the low-precision ulp: logits within LOGIT_ATOL."""
+    want_ids = want[2]
+    differ = (got_ids != want_ids).any(dim=1)
+    if not differ.any():
+        return
+    logits = F.linear(want[1], args[4]).float()
+    probs = torch.softmax(logits, dim=-1)
+    same_xn = ((got_xn == want[1]) | (got_xn.isnan() & want[1].isnan())).all(dim=1)
+    for t in differ.nonzero().flatten().tolist():
+        nan_row = bool(probs[t].isnan().all())
+        assert not (nan_row and exact_ties), f"row {t}: NaN row picks {got_ids[t].tolist()} != {want_ids[t].tolist()}"
+        if nan_row:
+            continue
+        a, b = got_ids[t], want_ids[t]
+        la, lb, pa, pb = logits[t, a], logits[t, b], probs[t, a], probs[t, b]
+        if bool(same_xn[t]):
+            tied = la == lb
+            assert not (exact_ties and bool((tied & (a != b)).any())), \
+                f"row {t}: exact tie resolved unlike torch.topk: {a.tolist()} vs {b.tolist()}"
+            gap = (pa - pb).abs()
+            assert bool((tied | (gap <= PROB_RTOL * torch.maximum(pa, pb))).all()), \
+                f"row {t}: picks {a.tolist()} vs {b.tolist()} are not a near-tie (probability gap {gap.max()})"
+        else:
+            gap = (la - lb).abs().max().item()
+            assert gap <= LOGIT_ATOL[args[1].dtype], f"row {t}: picks differ beyond a tie: logit gap {gap}"
+
+
+def check_route(got, args, exact_ties: bool) -> None:
+    want = reference.sum_route_dispatch(*args)
+    r, xn, ids, weights, pairs, offsets = got
+    E, k, H = args[4].shape[0], args[6], args[5]
+    check_structure(ids, pairs, offsets, E, k, H)
+    rtol, atol = ROUTE_TOL[args[1].dtype]
+    # equal_nan: NaN exactly where the reference has NaN (and Inf where it has Inf), close elsewhere.
+    torch.testing.assert_close(r, want[0], rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(xn, want[1], rtol=rtol, atol=atol, equal_nan=True)
+    check_ids(ids, xn, want, args, exact_ties)
+    if torch.equal(ids, want[2]):
+        torch.testing.assert_close(weights, want[3], rtol=rtol, atol=atol, equal_nan=True)
+        assert torch.equal(pairs, want[4]) and torch.equal(offsets, want[5])
+    else:  # swapped near-ties: the NaN pattern still matches, values are close
+        assert torch.equal(weights.isnan(), want[3].isnan())
+        torch.testing.assert_close(weights.sort(-1).values, want[3].sort(-1).values, rtol=rtol, atol=max(atol, 1e-3),
+                                   equal_nan=True)
+
+
+# ---- sum_route_dispatch --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", implementations("sum_route_dispatch"))
+@fuzz_settings(150)
+@given(c=route_cases())
+def test_route_matches_reference(backend, device, c):
+    args = route_args(c, device)
+    check_route(run("sum_route_dispatch", backend, *args), args, exact_ties=device == "cpu")
+
+
+@pytest.mark.parametrize("backend,device", implementations("sum_route_dispatch"))
+@fuzz_settings(40)
+@given(c=route_cases(), bad=st.integers(0, 64))
+def test_route_nan_row_leaves_other_rows_alone(backend, device, c, bad):
+    """A NaN in one token changes nothing in any other token's outputs (bit for bit)."""
+    c = dict(c, T=max(c["T"], 2), poison="none")
+    clean = route_args(c, device)
+    poisoned = list(clean)
+    t = bad % c["T"]
+    poisoned[1] = clean[1].clone()
+    poisoned[1][0, t, 0] = float("nan")
+    got_clean = run("sum_route_dispatch", backend, *clean)
+    got = run("sum_route_dispatch", backend, *poisoned)
+    check_route(got, tuple(poisoned), exact_ties=device == "cpu")
+    rest = torch.arange(c["T"], device=device) != t
+    for name, a, b in zip(("r", "xn"), got[:2], got_clean[:2]):
+        assert torch.equal(a[rest], b[rest]), f"{name}: a NaN in token {t} changed other tokens"
+    # NOTE: the router GEMM is the reference's own F.linear call, and ATen's bf16 GEMM on CPU (torch 2.13,
+    # AVX-512, odd d, T >= 64) reads one element past each row: a NaN at the start of row t makes row t-1's
+    # logits NaN too. Rows whose reference logits changed are exempt; every other row must be untouched.
+    logits_clean, logits = (F.linear(x, clean[4]) for x in (got_clean[1], got[1]))
+    leaked = ((logits_clean != logits) & ~(logits_clean.isnan() & logits.isnan())).any(dim=1)
+    keep = rest & ~leaked
+    for name, a, b in zip(("ids", "weights"), got[2:4], got_clean[2:4]):
+        assert torch.equal(a[keep], b[keep]), f"{name}: a NaN in token {t} changed other tokens"
+    assert bool(got[3][t].isnan().all()) and bool(got[1][t].isnan().all())
+
+
+# ---- experts_swiglu ------------------------------------------------------------------------------------
+
+@st.composite
+def experts_cases(draw, tokens=TOKENS, dims=(1, 3, 16, 24)):
+    E, k, H = draw(routings())
+    return dict(T=draw(st.sampled_from(tokens)), E=E, k=k, H=H, d=draw(st.sampled_from(dims)),
+                inter=draw(st.sampled_from([1, 4, 12])), dtype=draw(st.sampled_from(DTYPES)),
+                poison=draw(st.sampled_from(["none", "nan_x", "inf_x", "nan_weight", "nan_expert"])),
+                rows=draw(st.lists(st.integers(0, 64), min_size=1, max_size=2)), seed=draw(st.integers(0, 2**16)))
+
+
+def experts_args(c: dict, device: str = "cpu"):
+    """Arguments of foe::experts_swiglu: quota routing of random scores (ties included), asymmetric gate/up."""
+    g = torch.Generator().manual_seed(c["seed"])
+    T, E, k, H, d, inter, dtype = c["T"], c["E"], c["k"], c["H"], c["d"], c["inter"], c["dtype"]
+    x = torch.randn(T, d, generator=g)
+    gate_up = torch.randn(E, 2 * inter, d, generator=g) / d ** 0.5
+    gate_up[:, inter:] *= 0.25  # a gate/up swap changes the result
+    down = torch.randn(E, d, inter, generator=g) / inter ** 0.5
+    scores = torch.randint(0, 3, (T, E), generator=g).float()  # coarse: tied scores
+    _, ids = reference.route(scores, H, k)
+    weights = torch.rand(T, k, generator=g)
+    pairs, offsets = reference.group_by_expert(ids, E)
+    rows = sorted({r % T for r in c["rows"]}) if T else []
+    for i, t in enumerate(rows):
+        if c["poison"] == "nan_x":
+            x[t, i % d] = float("nan")
+        elif c["poison"] == "inf_x":
+            x[t, i % d] = float("inf") if i % 2 == 0 else float("-inf")
+        elif c["poison"] == "nan_weight":
+            weights[t, i % k] = float("nan")
+    if c["poison"] == "nan_expert" and T:
+        down[int(ids[0, 0])] = float("nan")  # corrupted weights of one expert
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    ids, pairs, offsets = ids.to(device), pairs.to(device), offsets.to(device)
+    return to(x), to(gate_up), to(down), ids, to(weights), pairs, offsets, H
+
+
+def check_experts(got, args) -> None:
+    want = reference.experts_swiglu(*args)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    rtol, atol = EXPERTS_TOL[args[0].dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+EXPERTS_IMPLS = implementations("experts_swiglu")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in EXPERTS_IMPLS if p.values[0] != "triton"])
+@fuzz_settings(100)
+@given(c=experts_cases())
+def test_experts_match_reference(backend, device, c):
+    args = experts_args(c, device)
+    check_experts(run("experts_swiglu", backend, *args), args)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in EXPERTS_IMPLS if p.values[0] == "triton"] or
+                         [pytest.param(None, None, marks=pytest.mark.skip(reason="Triton is not usable here"))])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on the NaN/Inf inputs
+@fuzz_settings(6)
+@given(c=experts_cases(tokens=[0, 1, 3, 7], dims=(1, 3, 16)))
+def test_experts_triton_matches_reference(backend, device, c):
+    """Triton: on CPU through the interpreter (slow), so few and tiny examples."""
+    args = experts_args(c, device)
+    check_experts(run("experts_swiglu", backend, *args), args)
+
+
+@pytest.mark.parametrize("backend,device", implementations("sum_route_dispatch"))
+@fuzz_settings(40)
+@given(c=route_cases(), inter=st.sampled_from([1, 8]))
+def test_route_then_experts_nan_rows_match_reference(backend, device, c, inter):
+    """The layer as a converted model runs it: route, then experts on the routed outputs; NaN where the
+    reference has NaN, close elsewhere."""
+    args = route_args(c, device)
+    r, xn, ids, weights, pairs, offsets = run("sum_route_dispatch", backend, *args)
+    g = torch.Generator().manual_seed(c["seed"])
+    E, d = c["E"], c["d"]
+    gate_up = (torch.randn(E, 2 * inter, d, generator=g) / d ** 0.5).to(device=device, dtype=c["dtype"])
+    down = (torch.randn(E, d, inter, generator=g) / inter ** 0.5).to(device=device, dtype=c["dtype"])
+    experts_backend = backend if dispatch.available("experts_swiglu", backend, device) else "reference"
+    out = run("experts_swiglu", experts_backend, xn, gate_up, down, ids, weights, pairs, offsets, c["H"])
+    want = reference.experts_swiglu(xn, gate_up, down, ids, weights, pairs, offsets, c["H"])
+    rtol, atol = EXPERTS_TOL[c["dtype"]]
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol, equal_nan=True)
+    # A token's outputs are NaN in its picked groups exactly when its routed row is.
+    nan_tokens = weights.isnan().any(dim=1) | xn.isnan().any(dim=1)
+    assert torch.equal(out.isnan().any(dim=2).any(dim=0), nan_tokens)
+
+
+# ---- bad routing indices: a clear error, never an out-of-bounds access ---------------------------------
+
+BAD_INDICES = {  # name -> (how to spoil (ids, pairs, offsets), the message the C++ check gives)
+    "offsets_end": (lambda i, p, o: (i, p, o.index_fill(0, torch.tensor([o.numel() - 1]), p.numel() + 1)),
+                    "end at T\\*k"),
+    "offsets_start": (lambda i, p, o: (i, p, o.index_fill(0, torch.tensor([0]), 1)), "start at 0"),
+    "offsets_decrease": (lambda i, p, o: (i, p, torch.cat([o[:1], o[1:-1].flip(0), o[-1:]])), "non-decreasing"),
+    "id_too_large": (lambda i, p, o: (i.index_fill(1, torch.tensor([0]), 10**6), p, o), "not an expert id"),
+    "id_negative": (lambda i, p, o: (i.index_fill(1, torch.tensor([0]), -1), p, o), "not an expert id"),
+    "pair_too_large": (lambda i, p, o: (i, p.index_fill(0, torch.tensor([0]), p.numel()), o), "not a pair index"),
+    "pair_negative": (lambda i, p, o: (i, p.index_fill(0, torch.tensor([0]), -5), o), "not a pair index"),
+    "pair_twice": (lambda i, p, o: (i, p.index_fill(0, torch.tensor([1]), int(p[0])), o), "twice"),
+    "pairs_not_grouped": (lambda i, p, o: (i, p.roll(1), o), "segment"),
+}
+
+
+@pytest.mark.skipif(not dispatch.available("experts_swiglu", "native", "cpu"), reason="needs foe_compile._C")
+@pytest.mark.parametrize("spoil", BAD_INDICES)
+def test_native_cpu_experts_refuse_bad_routing_indices(spoil):
+    E, H = 6, 2
+    args = list(experts_args(dict(T=5, E=E, k=2, H=H, d=8, inter=4, dtype=torch.float32, poison="none", rows=[0],
+                                  seed=1)))
+    ids = torch.tensor([[0, 3], [1, 4], [2, 5], [0, 4], [1, 5]])  # offsets [0, 2, 4, 5, 7, 9, 10]: none repeated
+    pairs, offsets = reference.group_by_expert(ids, E)
+    run("experts_swiglu", "native", *args[:3], ids, args[4], pairs, offsets, H)  # the genuine ones pass
+    fn, message = BAD_INDICES[spoil]
+    args[3], args[5], args[6] = fn(ids, pairs, offsets)
+    with pytest.raises(RuntimeError, match=message):
+        run("experts_swiglu", "native", *args)
+
+
+# ---- end to end: a converted Hugging Face model given NaN ----------------------------------------------
+
+E2E = textwrap.dedent("""
+    import copy, json, sys, torch, foe_compile
+    for case in sys.argv[1:]:
+        torch.manual_seed(0)
+        source = foe_compile.builtin_model("olmoe-tiny")
+        if case == "nan_router_weight":  # corrupted weights in one layer's router
+            with torch.no_grad():
+                source.model.layers[1].mlp.gate.weight[3, 5] = float("nan")
+        converted, _ = foe_compile.convert(copy.deepcopy(source), mode="exact")
+        embeds = torch.randn(2, 7, source.config.hidden_size)
+        if case == "nan_embeds":  # NaN in one token of the first sequence; the second stays finite
+            embeds[0, 4, :3] = float("nan")
+        with torch.no_grad():
+            want = source(inputs_embeds=embeds)[0]
+            got = converted(inputs_embeds=embeds)[0]
+        finite = ~want.isnan()
+        print(json.dumps(dict(case=case, nan_rows_source=want.isnan().any(-1).tolist(),
+                              nan_rows_converted=got.isnan().any(-1).tolist(),
+                              same_nan=torch.equal(want.isnan(), got.isnan()),
+                              max_err=(got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0)),
+              flush=True)
+""")
+E2E_CASES = ["nan_embeds", "nan_router_weight"]
+
+
+@pytest.fixture(scope="module")
+def e2e_results() -> dict:
+    """Both cases in one subprocess (a crash must not kill pytest; one interpreter start, not two)."""
+    env = dict(os.environ, FOE_KERNELS="native")
+    out = subprocess.run([sys.executable, "-c", E2E, *E2E_CASES], capture_output=True, text=True, env=env, timeout=600)
+    results = {r["case"]: r for r in map(json.loads, filter(None, out.stdout.splitlines()))}
+    return dict(results, returncode=out.returncode, stderr=out.stderr[-3000:])
+
+
+@pytest.mark.skipif(not dispatch.available("sum_route_dispatch", "native", "cpu"), reason="needs foe_compile._C")
+@pytest.mark.parametrize("case", E2E_CASES)
+def test_converted_model_with_nan_does_not_crash(e2e_results, case):
+    """olmoe-tiny converted in exact mode: before the fix the C++ route kernel wrote at index -1 ("double free or
+    corruption"). The converted model's NaN logits are exactly the unconverted model's; the rest agrees."""
+    assert e2e_results["returncode"] == 0 and case in e2e_results, \
+        f"converted model crashed (rc={e2e_results['returncode']}): {e2e_results['stderr']}"
+    result = e2e_results[case]
+    assert result["same_nan"], result
+    assert result["nan_rows_source"] == result["nan_rows_converted"]
+    if case == "nan_embeds":
+        assert any(result["nan_rows_source"][0]) and not any(result["nan_rows_source"][1])  # the pattern is real
+    else:
+        assert all(all(row) for row in result["nan_rows_source"])
+    assert result["max_err"] <= 1e-4
