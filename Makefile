@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench cpp-test clean
+.PHONY: demo test test-families setup bench cpp-test clean
 
 NATIVE_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/kernels/*.cuh)
 
@@ -25,7 +25,12 @@ demo: $(STAMP)
 	$(BIN)/placement-compile place ibm01 --out out/ibm01
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x -n 2 --durations=15 -m "not families" tests
+
+# The Hugging Face family sweep (tests/foe/test_families.py): one torch.export capture and
+# translation validation per family, so it runs as its own CI step.
+test-families: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=5 -m families tests/foe/test_families.py
 
 # Microbenchmarks (bench/conftest.py): GPU shapes in bf16 when CUDA is present, else the tiny
 # CPU mode; rows, plot and summary land in bench/results/.
