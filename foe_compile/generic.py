@@ -174,26 +174,30 @@ def _main_output(outputs: list[Tensor]) -> Tensor:
 
 
 def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) -> list[LayerReport]:
-    """One report per layer = per matched attention and the MLP after it (one per MoE block when
-    no attention was matched): whether it is exact and, in the FoE form, why not."""
+    """One report per layer = per matched attention and each MLP after it (a hybrid model can have
+    several MoE blocks between two attentions; without matched attention, one per MoE block):
+    whether it is exact and, in the FoE form, why not."""
     attentions = gm.meta.get(ATTENTION_KEY, [])
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     starts = [position[a.group_heads[0] if a.group_heads else a.sdpa] for a in attentions]
-    moe_at = {max(0, bisect.bisect(starts, position[b.output]) - 1) if starts else i: b for i, b in enumerate(blocks)}
+    after: dict[int, list] = {}
+    for i, b in enumerate(blocks):
+        slot = max(0, bisect.bisect(starts, position[b.output]) - 1) if starts else i
+        after.setdefault(slot, []).append(b)
     foe = config.mode == "foe" and H > 1
     c = H if config.attn_stream_scale is None else config.attn_stream_scale
     layers = []
-    for i in range(max(len(attentions), max(moe_at) + 1)):
-        block, reasons = moe_at.get(i), []
-        if foe and block is not None:
-            reasons.append(quota_reason(block.top_k, H, block.num_experts))
-        if foe and i < len(attentions) and attentions[i].reads_group_streams:
-            reasons.append(stream_reason(c))
-        notes = [f"{block.kind} experts lowered to foe::experts_swiglu"] if block is not None else []
-        if block is not None and block.graph_routing:
-            notes.append(f"routing left as written: {block.graph_routing}")
-        layers.append(LayerReport(i, "moe" if block is not None else "dense", exact=not reasons, reasons=reasons,
-                                  notes=notes))
+    for i in range(max(len(attentions), max(after, default=-1) + 1)):
+        streams = foe and i < len(attentions) and attentions[i].reads_group_streams
+        for block in after.get(i, [None]):
+            reasons = [quota_reason(block.top_k, H, block.num_experts)] if foe and block is not None else []
+            if streams:
+                reasons.append(stream_reason(c))
+            notes = [f"{block.kind} experts lowered to foe::experts_swiglu"] if block is not None else []
+            if block is not None and block.graph_routing:
+                notes.append(f"routing left as written: {block.graph_routing}")
+            layers.append(LayerReport(len(layers), "moe" if block is not None else "dense", exact=not reasons,
+                                      reasons=reasons, notes=notes))
     return layers
 
 

@@ -70,6 +70,8 @@ def _match_router(topk: fx.Node):
 
     Two orders are exact: topk(softmax(linear(x))) [v / v.sum(-1)], and softmax(topk(linear(x)))
     (Mixtral's spelling: a softmax over the k picked logits is the renormalised softmax)."""
+    if not isinstance(topk.args[1], int):
+        return None  # a data-dependent k (a sparse-attention indexer's min(k, T)) is not a router's
     source = skip_pass_through(topk.args[0])
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)

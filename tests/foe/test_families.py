@@ -59,6 +59,8 @@ def test_family_converts_exactly_or_is_refused_with_a_reason(model_type):
         return
     converted, report = convert(model, mode="exact", calibration_inputs=capture)
     assert converted is not model and report.exact, report.to_table()
+    lowered = sum("experts_swiglu" in str(n.target) for gm in converted.graphs for n in gm.graph.nodes)
+    assert lowered == sum(layer.kind == "moe" for layer in report.layers) > 0  # one report per block
     assert report.validation_error <= report.validation_tolerance == 1e-5
     for batch, length in [(2, 7), (1, 5)]:
         ids = tokens(model, batch, length, seed=batch + length)
