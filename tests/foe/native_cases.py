@@ -3,7 +3,7 @@
 Tolerances are per dtype (STYLE rule 8). sorted_pairs/expert_offsets must equal the stable grouping of
 the kernel's ids exactly, and equal the reference's outputs exactly whenever the ids agree. ids may
 differ from the reference only between experts whose logits are (near-)tied: torch.topk does not define
-its tie order (the kernels take the lower id), bf16/fp16 logits tie often, and a GEMM with another
+its tie order (the C++ kernel follows torch's CPU order; CUDA/CuPy take the lower id), bf16/fp16 logits tie often, and a GEMM with another
 summation order can move a low-precision logit by an ulp. Such swaps are bounded by LOGIT_ATOL and by
 MAX_SWAPPED (fraction of picks swapped on a near- but not exact tie); a wrong kernel picks experts whose logits are far apart.
 """
