@@ -472,6 +472,43 @@ def code_version() -> str:
     return f"{commit} + uncommitted foe_compile changes (diff sha1 {hashlib.sha1(diff.encode()).hexdigest()[:10]})"
 
 
+README_START, README_END = "<!-- family-coverage:start -->", "<!-- family-coverage:end -->"
+
+
+def readme_table(meta: dict, rows: list[dict]) -> str:
+    """The README's compact coverage table (family · attention · router · experts · exact · FoE)."""
+    def short(att: dict | None) -> str:
+        if not att:
+            return "-"
+        if att.get("status") == "ok":
+            mark = "✔" if att["max_error"] <= EXACT_TOL else "≈"
+            return f"{mark} {att.get('path', '')} {_fmt_err(att.get('max_error'))}"
+        return "✘ " + category(att).removeprefix("convert: ")
+
+    lines = [f"{meta['exact_count']} / {meta['families']} families exact (transformers {meta['transformers']}, "
+             f"measured by `{meta['command']}` at {meta['commit']}; ✔ within {EXACT_TOL:g}, ≈ approximate, "
+             "✘ refused, with the category):", "",
+             "| family | attention | router | experts | exact | FoE |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r.get("attempts", {})
+        ran = r.get("source", {}).get("ok")
+        lines.append(f"| {r['model_type']} | {r.get('attention', '?')} | {r.get('router', '?')} | "
+                     f"{r.get('experts_act', '?')} | {short(a.get('exact')) if ran else '✘ source model fails'} | "
+                     f"{short(a.get('foe')) if ran else '-'} |")
+    return "\n".join(lines)
+
+
+def write_readme(meta: dict, rows: list[dict]) -> None:
+    """Replace the table between the README's family-coverage markers (if the README has them)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        readme.write_text(f"{head}{README_START}\n{readme_table(meta, rows)}\n{README_END}{tail}")
+        print(f"updated the coverage table in {readme}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", help="comma-separated model types (default: every MoE family)")
@@ -496,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "family_coverage.json").write_text(json.dumps(data, indent=1, default=str))
         (out / "family_coverage.md").write_text(markdown(data["meta"], data["families"]))
         print(f"re-rendered {out / 'family_coverage.md'}")
+        if not data["meta"].get("subset"):
+            write_readme(data["meta"], data["families"])
         return 0
 
     import torch
@@ -532,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "silent_wrong": sorted(f"{r['model_type']} ({m})" for r in ordered for m, a in r.get("attempts", {}).items()
                                if a.get("status") == "ok" and a["max_error"] > EXACT_TOL and claims_exact(a)),
         "composite": hf_zoo.composite_moe_types() if not args.families else {},
+        "subset": bool(args.families),
     }
     for r in ordered:
         for att in r.get("attempts", {}).values():
@@ -539,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "family_coverage.json").write_text(json.dumps({"meta": meta, "families": ordered}, indent=1, default=str))
     (out / "family_coverage.md").write_text(markdown(meta, ordered))
+    if not args.families:
+        write_readme(meta, ordered)
     print(f"exact: {meta['exact_count']}/{meta['families']}; sweep {meta['sweep_seconds']:.0f} s; wrote "
           f"{out / 'family_coverage.md'} and .json", flush=True)
     if meta["silent_wrong"]:
