@@ -44,13 +44,16 @@ def routing_weights(probs: Tensor, ids: Tensor, renormalize: bool, dtype: torch.
 
 
 def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """(pairs [T*k], offsets [E+1]): a stable counting sort of the flattened picks by expert."""
+    """(pairs [T*k], offsets [E+1]): a stable sort of the flattened picks by expert.
+
+    Spelled with ops every lowering translates (lower_experts puts it in graphs that are exported
+    to ONNX, which has no stable sort): sorting the distinct keys id * N + position equals the
+    stable sort by id, and the counts are a compare-and-sum against every expert id."""
     flat = ids.flatten()
-    pairs = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return pairs, offsets
+    n = flat.numel()
+    pairs = torch.sort(flat * n + torch.arange(n, device=ids.device)).indices
+    counts = (flat.unsqueeze(1) == torch.arange(num_experts, device=ids.device)).sum(0)
+    return pairs, torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,

@@ -56,6 +56,22 @@ def test_onnx_of_a_user_model_through_the_fx_path(tmp_path):
 
 
 @torch.no_grad()
+def test_onnx_of_a_graph_routed_block(tmp_path):
+    """A sigmoid router stays in the graph as written and its experts are lowered: the grouping
+    lower_experts adds (group_by_expert) must translate to ONNX too."""
+    from handwritten_moes import SigmoidRouter
+
+    torch.manual_seed(0)
+    model = UserMoETransformer(SigmoidRouter, experts=4, top_k=2).eval()
+    graph, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
+    assert report.exact and all("routing left as written" in " ".join(layer.notes) for layer in report.layers)
+    path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / "sigmoid.onnx")
+    for batch, length in SHAPES:
+        ids = tokens(batch, length, seed=length, vocab=96)
+        assert max_rel(run_onnx(path, ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
 def test_aoti_package_of_a_converted_model(tmp_path):
     model, _ = convert(builtin_model("olmoe-tiny"), mode="foe")
     runner = load_aoti(to_aoti(model, tokens(2, 9), tmp_path / "olmoe.pt2"))
