@@ -178,9 +178,7 @@ def export_converted(model, vocab: int, args: argparse.Namespace) -> None:
     if args.onnx:
         try:
             written = to_onnx(model, example, args.onnx)
-        except torch.onnx.errors.OnnxExporterError as err:
-            # NOTE: known gap: blocks whose routing stays in the graph group tokens with a stable
-            # aten.sort, which the ONNX exporter cannot translate yet.
+        except torch.onnx.errors.OnnxExporterError as err:  # an op of the model torch.onnx cannot translate
             raise UsageError(f"ONNX export failed: {_one_line(err)}") from None
         print(f"wrote {written} (ONNX, standard operators; batch and length dynamic)")
     if args.aoti:
