@@ -100,8 +100,18 @@ def is_silu(act: nn.Module) -> bool:
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
-    """A new module tree whose parameters and buffers are the source's own tensors (no copy)."""
+    """A new module tree whose parameters and buffers are the source's own tensors (no copy).
+
+    Hooks are shared, not copied: each module's hook dicts become shallow copies (the hook
+    objects themselves, e.g. accelerate's offloading hooks with their weights, are never
+    duplicated)."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if "hook" in name and isinstance(value, dict):
+                memo[id(value)] = type(value)(value)
+            elif "hook" in name and value is not None:  # e.g. accelerate's module._hf_hook
+                memo[id(value)] = value
     return copy.deepcopy(model, memo)
 
 

@@ -48,40 +48,49 @@ class ConvertedGraph(nn.Module):
 
     def __init__(self, first: fx.GraphModule, build) -> None:
         super().__init__()
-        self.graphs = nn.ModuleList([first])
+        self.graph_module = first  # registered: its weights are the module's state
+        # Later graphs share those weights; kept out of the module tree so state_dict() stays one copy.
+        self._more: list[fx.GraphModule] = []
         self._build = build  # (args) -> (GraphModule, ConversionReport); holds the source model
 
     @property
-    def graph_module(self) -> fx.GraphModule:
-        return self.graphs[0]
+    def graphs(self) -> list[fx.GraphModule]:
+        return [self.graph_module, *self._more]
 
     @property
     def graph(self) -> fx.Graph:
-        return self.graphs[0].graph
+        return self.graph_module.graph
 
     @property
     def meta(self) -> dict:
-        return self.graphs[0].meta
+        return self.graph_module.meta
 
     def forward(self, *args):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return self.graphs[0](*args)  # traced (export, compile): the first graph, shapes stay symbolic
+            return self.graph_module(*args)  # traced (export, compile): the first graph, shapes stay symbolic
         return self.graph_for(*args)(*args)
 
     def graph_for(self, *args) -> fx.GraphModule:
-        """The graph whose guards hold for these (real) inputs, captured now if none does."""
+        """The graph whose guards and size ranges hold for these (real) inputs, captured now if none does."""
         for gm in self.graphs:
             if _guards_hold(gm, args):
                 return gm
         log.info("inputs of shapes %s fail the guards of %d captured graph(s): capturing another",
                  [tuple(a.shape) for a in args if isinstance(a, Tensor)], len(self.graphs))
-        gm, _ = self._build(args)
-        self.graphs.append(gm)
+        gm, report = self._build(args)
+        log.info("recaptured graph: %s", report.exactness())
+        self._more.append(gm)
         return gm
 
 
 def _guards_hold(gm: fx.GraphModule, args: tuple) -> bool:
+    """torch.export's guard function and the size ranges it recorded (which the unlifted module
+    does not check when it has a guard function) both accept `args`."""
     flat = fx_pytree.tree_flatten_spec((list(args), {}), gm._in_spec)
+    for value, dims in zip(flat, gm.meta.get(RANGES_KEY, [])):
+        if isinstance(value, Tensor) and (value.dim() != len(dims) or any(
+                size < lo or (hi is not None and size > hi) for size, (lo, hi) in zip(value.shape, dims))):
+            return False
     guards = getattr(gm, "_guards_fn", None)
     if guards is None:
         return True
@@ -90,6 +99,28 @@ def _guards_hold(gm: fx.GraphModule, args: tuple) -> bool:
     except AssertionError:  # what torch.export's guard function raises on a failed guard
         return False
     return True
+
+
+RANGES_KEY = "foe_input_ranges"  # per flat input, per dim: (min, max or None) the capture holds for
+
+
+def _input_ranges(program: torch.export.ExportedProgram) -> list[list[tuple[int, int | None]]]:
+    """Per user input of `program`, per dimension, the sizes its graph was captured for."""
+    names = set(program.graph_signature.user_inputs)
+    ranges = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        value = node.meta.get("val")
+        dims = []
+        for size in getattr(value, "shape", ()):
+            if isinstance(size, int):
+                dims.append((size, size))
+                continue
+            bounds = program.range_constraints.get(size.node.expr)
+            dims.append((_finite_int(bounds.lower) or 0, _finite_int(bounds.upper)) if bounds is not None else (0, None))
+        ranges.append(dims)
+    return ranges
 
 
 @torch.no_grad()
@@ -113,7 +144,7 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
                          "in exact mode use the default 'contiguous'")
     start = time.perf_counter()
     try:
-        captured = export_aten(source, args, dynamic=True).module()
+        program = export_aten(source, args, dynamic=True)
     except Exception as err:  # torch.export raises many types; the user needs what and why, not its internals
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
@@ -122,9 +153,19 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
             f"{type(err).__name__}: {first[:300]}. This usually means the model's Python branches or loops on tensor "
             "values (e.g. iterating over only the experts that were hit); a version of the model written without "
             "data-dependent control flow converts") from err
+    captured = program.module()
+    captured.meta[RANGES_KEY] = _input_ranges(program)
     samples = sample_inputs(args)
-    references = [tensor_leaves(captured(*s)) for s in samples]
+    # The reference is the eager model itself, run on clones (it must not see its inputs mutated).
+    references = [tensor_leaves(source(*_clones(s))) for s in samples]
     tol = tolerance(references[0])
+    if max_relative_error(source, references[:1], [_clones(samples[0])]) > 0:
+        raise ValueError(f"{name} gives different outputs for the same inputs (dropout or other randomness in "
+                         "training mode?), so no rewrite can be validated against it; call model.eval() first")
+    capture_error = max_relative_error(captured, references, samples)
+    if capture_error > tol:
+        raise ValueError(f"torch.export's capture of {name} already differs from the eager model (max relative error "
+                         f"{capture_error:.2e} > {tol:.0e}) before any rewrite, so the FX path cannot convert it")
     # Translation validation of the exact rewrites (what every form is built from): a block whose
     # rewrite changes the outputs is left as written, with the measured error as its reason.
     exact_groups = config.num_groups if config.mode == "exact" else None
@@ -160,12 +201,25 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
         validation_tolerance=tol,
     )
     report.validation_error = error if config.mode == "exact" else max_relative_error(gm, references, samples)
+    report.calibration_tokens = sum(a.numel() for a in args if isinstance(a, Tensor) and not a.is_floating_point())
     gm.meta["foe_pass_results"] = results
     gm.meta["foe_expert_assignments"] = perms or [list(range(b.num_experts)) for b in blocks]
     reference, converted = _main_output(references[0]), _main_output(tensor_leaves(gm(*args)))
     report.logits_rel_error = rel_error([converted], [reference])
     report.logits_max_rel_error = max_rel_error([converted], [reference])
     return gm, report
+
+
+def _finite_int(bound) -> int | None:
+    """A range bound as an int; None for an infinite one (torch's int_oo or sympy's oo)."""
+    try:
+        return int(bound) if bound.is_integer and bound.is_finite else None
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _clones(sample: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, Tensor) else a for a in sample)
 
 
 def _main_output(outputs: list[Tensor]) -> Tensor:

@@ -46,7 +46,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
             else:
                 matches.append(match)
     # A top-k inside another block's routing (DeepSeek's group selection) is not a block of its own.
-    routing = set().union(*(ancestors(m.ids) for m in matches))
+    routing = set().union(*(ancestors(m.ids) - ancestors(m.hidden) for m in matches))  # not earlier layers
     gm.meta[MOE_KEY] = matches
     gm.meta[UNTOUCHED_KEY] = [entry for topk, entry in untouched.items() if topk not in routing]
     return PassResult("find_moe_blocks", len(matches))

@@ -114,3 +114,47 @@ def test_report_exact_is_the_measurement(monkeypatch):
     assert "NOT exact: measured max rel err" in report.to_table().splitlines()[0]
     with pytest.raises(ValueError, match="failed translation validation"):
         convert(model_with(SUPPORTED[0]), mode="exact", calibration_inputs=tokens(2, 7))
+
+
+def test_validation_error_sees_through_infinities():
+    """An inf in the source's outputs (a masked vocabulary) must not hide errors elsewhere, and
+    an inf or NaN the source does not have is a failure."""
+    from foe_compile.validation import max_relative_error
+
+    ref = torch.tensor([[1.0, 2.0, float("-inf")]])
+    run = lambda out: max_relative_error(lambda: out, [[ref]], [()])  # noqa: E731
+    assert run(torch.tensor([[1.0, 2.0, float("-inf")]])) == 0.0
+    assert run(torch.tensor([[1.0, 2.2, float("-inf")]])) == pytest.approx(0.1)
+    assert run(torch.tensor([[1.0, 2.0, float("inf")]])) == float("inf")
+    assert run(torch.tensor([[1.0, float("nan"), float("-inf")]])) == float("inf")
+    assert run(torch.tensor([[1.0, 2.0, 3.0]])) == float("inf")
+
+
+class BatchOneBranch(UserMoETransformer):
+    """Computes something else at batch 1: a graph captured at batch 2 must not serve batch 1."""
+
+    def forward(self, ids):
+        out = super().forward(ids)
+        return out * 2 if ids.shape[0] == 1 else out
+
+
+@torch.no_grad()
+def test_a_graph_is_never_reused_outside_the_sizes_it_was_captured_for():
+    torch.manual_seed(0)
+    model = BatchOneBranch(SUPPORTED[2], vocab=VOCAB, experts=4, top_k=2).eval()
+    converted, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    ids = tokens(1, 5)
+    assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+    assert len(converted.graphs) == 2 and len(converted.state_dict()) == len(model.state_dict())
+
+
+@torch.no_grad()
+def test_a_refused_block_is_reported_next_to_converted_ones():
+    torch.manual_seed(0)
+    model = model_with(SUPPORTED[2])
+    model.blocks[0].moe = REFUSED[0][0](32, 24, 4, 2)
+    _, report = convert(model.eval(), mode="exact", calibration_inputs=tokens(2, 7))
+    (why,) = report.untouched_blocks
+    assert "blocks_0" in why and REFUSED[0][1] in why and report.exact
+    with pytest.raises(ValueError, match="FoE form needs every MoE block rewritten"):
+        convert(model, mode="foe", calibration_inputs=tokens(2, 7))
