@@ -41,17 +41,18 @@ class ConvertedGraph(nn.Module):
     by the passes, callable with the capture's positional inputs.
 
     Library code branches on sizes (a batch of 1, a single token), so one captured graph may hold
-    only for some shapes (its guards say which). A call whose inputs fail every graph's guards
-    captures, rewrites and validates one more graph for them, from the source model (its weights
-    are shared, never copied), like a torch.compile recompile. `graph_module` is the first graph;
-    `graphs` holds all of them."""
+    only for some shapes (its guards and size ranges say which). A call whose inputs fail every
+    graph's guards captures, rewrites and validates one more graph for them, from the source model
+    (its weights are shared, never copied), like a torch.compile recompile; if that rewrite does
+    not validate, those shapes run the captured source graph unchanged (logged). `graph_module`
+    is the first graph; `graphs` holds all of them."""
 
     def __init__(self, first: fx.GraphModule, build) -> None:
         super().__init__()
         self.graph_module = first  # registered: its weights are the module's state
         # Later graphs share those weights; kept out of the module tree so state_dict() stays one copy.
         self._more: list[fx.GraphModule] = []
-        self._build = build  # (args) -> (GraphModule, ConversionReport); holds the source model
+        self._build = build  # (args) -> GraphModule for a new shape class; holds the source model
 
     @property
     def graphs(self) -> list[fx.GraphModule]:
@@ -77,8 +78,7 @@ class ConvertedGraph(nn.Module):
                 return gm
         log.info("inputs of shapes %s fail the guards of %d captured graph(s): capturing another",
                  [tuple(a.shape) for a in args if isinstance(a, Tensor)], len(self.graphs))
-        gm, report = self._build(args)
-        log.info("recaptured graph: %s", report.exactness())
+        gm = self._build(args)
         self._more.append(gm)
         return gm
 
@@ -130,11 +130,23 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) 
         raise ValueError(f"converting {name} through the FX path needs calibration_inputs (example inputs to capture)")
     source = Positional(model, capture_kwargs(model))  # the user calls the result with positional inputs only
 
-    def build(args: tuple) -> tuple[fx.GraphModule, ConversionReport]:
-        return _convert_at(source, name, config, tuple(args))
+    def recapture(args: tuple) -> fx.GraphModule:
+        """A graph for a new shape class; where it cannot be rewritten exactly (its own translation
+        validation fails), the captured source graph unchanged, so the result is still the source's."""
+        try:
+            gm, report = _convert_at(source, name, config, tuple(args))
+            log.info("recaptured graph: %s", report.exactness())
+            return gm
+        except (ValueError, RuntimeError) as err:
+            log.warning("inputs of shapes %s: %s; they run the captured source graph unchanged",
+                        [tuple(a.shape) for a in args if isinstance(a, Tensor)], str(err).splitlines()[0])
+            program = export_aten(source, tuple(args), dynamic=True)
+            gm = program.module()
+            gm.meta[RANGES_KEY] = _input_ranges(program)
+            return gm
 
-    gm, report = build(tuple(example))
-    return ConvertedGraph(gm, build), report
+    gm, report = _convert_at(source, name, config, tuple(example))
+    return ConvertedGraph(gm, recapture), report
 
 
 def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) -> tuple[fx.GraphModule, ConversionReport]:

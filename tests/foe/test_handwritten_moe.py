@@ -158,3 +158,21 @@ def test_a_refused_block_is_reported_next_to_converted_ones():
     assert "blocks_0" in why and REFUSED[0][1] in why and report.exact
     with pytest.raises(ValueError, match="FoE form needs every MoE block rewritten"):
         convert(model, mode="foe", calibration_inputs=tokens(2, 7))
+
+
+@torch.no_grad()
+def test_a_recapture_that_cannot_be_rewritten_runs_the_source_graph(monkeypatch):
+    """If a new shape class's rewrite does not validate, those shapes run the captured source
+    graph unchanged: still the source's outputs, never an error at call time."""
+    generic = importlib.import_module("foe_compile.generic")
+    torch.manual_seed(0)
+    model = BatchOneBranch(SUPPORTED[2], vocab=VOCAB, experts=4, top_k=2).eval()
+    converted, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+
+    def fails(*args, **kwargs):
+        raise ValueError("no MoE block can be rewritten exactly (simulated)")
+
+    monkeypatch.setattr(generic, "_convert_at", fails)
+    ids = tokens(1, 5)
+    assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+    assert not any("experts_swiglu" in str(n.target) for n in converted.graphs[1].graph.nodes)
