@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The worker: one family, in its own process
 
 class AttemptTimeout(Exception):
-    pass
+    """One convert attempt ran past --timeout (raised by the SIGALRM handler below)."""
 
 
 def _alarm(seconds: int):

@@ -83,18 +83,12 @@ class WhereIndexPut(_Base):
         return out.view_as(x)
 
 
-class TopkThenSoftmax(_Base):
+class TopkThenSoftmax(WhereIndexAdd):
     """Mixtral's router spelling: top-k on the logits, softmax over the k picks."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        logits, ids = torch.topk(self.router(h), self.top_k, dim=-1)
-        w = F.softmax(logits, dim=-1)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == e)
-            out.index_add_(0, token, expert(h[token]) * w[token, slot, None])
-        return out.view_as(x)
+    def route(self, x):
+        logits, ids = torch.topk(self.router(x), self.top_k, dim=-1)
+        return F.softmax(logits, dim=-1), ids
 
 
 class UnnormalisedWhere(_Base):
@@ -147,18 +141,12 @@ class WeightsOnInput(_Base):
         return out.view_as(x)
 
 
-class ScaledCombine(_Base):
+class ScaledCombine(WhereIndexAdd):
     """A routed scaling factor (DeepSeek-V3's) applied to the weights."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        w = w * 2.5
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == e)
-            out.index_add_(0, token, expert(h[token]) * w[token, slot, None])
-        return out.view_as(x)
+    def route(self, x):
+        w, ids = super().route(x)
+        return w * 2.5, ids
 
 
 class SigmoidRouter(WhereIndexAdd):
