@@ -167,4 +167,4 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
 
 if UNAVAILABLE_REASON is None:
     dispatch.register("sum_route_dispatch", "cupy", ("cuda",))(sum_route_dispatch)
-    dispatch.register("experts_swiglu", "cupy", ("cuda",))(experts_swiglu)
+    dispatch.register("experts_swiglu", "cupy", ("cuda",))(lambda *args: experts_swiglu(*args[:8]))  # plain SwiGLU

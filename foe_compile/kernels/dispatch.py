@@ -10,12 +10,19 @@ implementation per op that forwards to the selected backend:
     auto       the documented, measured rule in `preference()`
 
 Select with FOE_KERNELS=<backend> or `use_backend(...)`. Kernel modules add themselves with
-`register(op, backend)`; a backend that is not available falls back under "auto" and raises
-a clear error when asked for explicitly.
+`register(op, backend, device_types, features)`; a backend that is not available falls back under
+"auto" and raises a clear error when asked for explicitly.
+
+Variants. A call of foe::experts_swiglu needs the features of its expert unit (`experts_features`:
+the activation, "bias" for expert biases, "clamped" for gpt-oss's alpha / limit / up_offset). A
+backend that lacks one is skipped; when it was selected explicitly, a warning names the backend and
+the missing feature once, and the call runs on the most preferred backend that has it (the
+reference has every feature). Every backend receives all the op's schema arguments.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -23,35 +30,65 @@ import torch
 
 from . import reference
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "reference", "native", "cupy", "triton")
 OPS = ("sum_route_dispatch", "experts_swiglu")
+# Every feature of each op; a backend registers the ones it computes (default: the plain SiLU SwiGLU).
+FEATURES = {"sum_route_dispatch": frozenset(),
+            "experts_swiglu": frozenset(reference.ACTIVATIONS) | {"bias", "clamped"}}
+BASE_FEATURES = {"sum_route_dispatch": frozenset(), "experts_swiglu": frozenset({"silu"})}
 _KERNELS: dict[tuple[str, str], Callable] = {
     ("sum_route_dispatch", "reference"): reference.sum_route_dispatch,
     ("experts_swiglu", "reference"): reference.experts_swiglu,
 }
 _DEVICE_TYPES: dict[tuple[str, str], tuple[str, ...]] = {}
+_FEATURES: dict[tuple[str, str], frozenset[str]] = {(op, "reference"): FEATURES[op] for op in OPS}
+_warned: set[tuple[str, str, frozenset[str]]] = set()
 _selected = os.environ.get("FOE_KERNELS", "auto")
 
 
-def register(op: str, backend: str, device_types: tuple[str, ...] = ("cpu", "cuda")) -> Callable[[Callable], Callable]:
-    """Decorator for kernel modules: `fn` implements `op` (same arguments as the schema) on tensors of
-    `device_types` (e.g. the native backend covers "cuda" only when the extension was built with CUDA)."""
+def register(op: str, backend: str, device_types: tuple[str, ...] = ("cpu", "cuda"),
+             features: frozenset[str] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator for kernel modules: `fn` implements `op` (called with all the schema's arguments) on
+    tensors of `device_types` (e.g. the native backend covers "cuda" only when the extension was built
+    with CUDA), for the variants in `features` (default BASE_FEATURES[op])."""
     if op not in OPS or backend not in BACKENDS[1:]:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}; ops {OPS}, backends {BACKENDS[1:]}")
+    features = BASE_FEATURES[op] if features is None else frozenset(features)
+    if not features <= FEATURES[op]:
+        raise ValueError(f"unknown features {sorted(features - FEATURES[op])} of foe::{op}; known {sorted(FEATURES[op])}")
 
     def wrap(fn: Callable) -> Callable:
         _KERNELS[(op, backend)] = fn
         _DEVICE_TYPES[(op, backend)] = device_types
+        _FEATURES[(op, backend)] = features
         return fn
 
     return wrap
 
 
-def available(op: str, backend: str, device_type: str | None = None) -> bool:
-    """Whether `backend` implements `op` (on `device_type`, when given)."""
-    if (op, backend) not in _KERNELS:
+def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None, alpha: float = 1.0,
+                     limit: float | None = None, up_offset: float = 0.0) -> frozenset[str]:
+    """The features a foe::experts_swiglu call needs, from its unit arguments."""
+    needs = {activation}
+    if gate_up_bias is not None or down_bias is not None:
+        needs.add("bias")
+    if alpha != 1.0 or limit is not None or up_offset != 0.0:
+        needs.add("clamped")
+    return frozenset(needs)
+
+
+def available(op: str, backend: str, device_type: str | None = None, needs: frozenset[str] = frozenset()) -> bool:
+    """Whether `backend` implements `op` (on `device_type`, when given; with the features `needs`)."""
+    if (op, backend) not in _KERNELS or not needs <= _FEATURES[(op, backend)]:
         return False
     return device_type is None or backend == "reference" or device_type in _DEVICE_TYPES[(op, backend)]
+
+
+def features(op: str, backend: str) -> frozenset[str]:
+    """The variants of `op` that `backend` computes (empty when it is not registered)."""
+    return _FEATURES.get((op, backend), frozenset())
 
 
 @contextlib.contextmanager
@@ -86,14 +123,18 @@ def preference(op: str, device_type: str, tokens: int | None = None, num_experts
     return ("native", "cupy", "triton")
 
 
-def choose(op: str, device: torch.device, tokens: int | None = None, num_experts: int | None = None) -> str:
+def choose(op: str, device: torch.device, tokens: int | None = None, num_experts: int | None = None,
+           needs: frozenset[str] = frozenset()) -> str:
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     order = preference(op, device.type, tokens, num_experts, capturing)
-    return next((b for b in order if available(op, b, device.type)), "reference")
+    return next((b for b in order if available(op, b, device.type, needs)), "reference")
 
 
-def kernel(op: str, device: torch.device, tokens: int | None = None, num_experts: int | None = None) -> Callable:
-    backend = _selected if _selected != "auto" else choose(op, device, tokens, num_experts)
+def kernel(op: str, device: torch.device, tokens: int | None = None, num_experts: int | None = None,
+           needs: frozenset[str] = frozenset()) -> Callable:
+    if _selected == "auto":
+        return _KERNELS[(op, choose(op, device, tokens, num_experts, needs))]
+    backend = _selected
     if backend not in BACKENDS:
         raise ValueError(f"FOE_KERNELS={backend!r} is not a kernel backend; choose one of {BACKENDS}")
     if not available(op, backend, device.type):
@@ -101,11 +142,27 @@ def kernel(op: str, device: torch.device, tokens: int | None = None, num_experts
             f"kernel backend {backend!r} has no implementation of foe::{op} on {device.type} here "
             f"(build the extension with `pip install -e .`, or use FOE_KERNELS=auto/reference)"
         )
+    missing = needs - features(op, backend)
+    if missing:
+        fallback = choose(op, device, tokens, num_experts, needs)
+        if (op, backend, missing) not in _warned:
+            _warned.add((op, backend, missing))
+            log.warning("kernel backend %r does not implement foe::%s with %s; running those calls on %r",
+                        backend, op, ", ".join(sorted(missing)), fallback)
+        backend = fallback
     return _KERNELS[(op, backend)]
 
 
+def _route(residual, partials, *args):
+    return kernel("sum_route_dispatch", partials.device)(residual, partials, *args)
+
+
+def _experts(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):
+    needs = experts_features(*unit)
+    return kernel("experts_swiglu", x.device, x.shape[0], gate_up.shape[0], needs)(
+        x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit)
+
+
 for _device in ("CPU", "CUDA"):
-    torch.library.impl("foe::sum_route_dispatch", _device)(
-        lambda *args: kernel("sum_route_dispatch", args[1].device)(*args))
-    torch.library.impl("foe::experts_swiglu", _device)(  # x [T, d], gate_up [E, 2I, d]
-        lambda *args: kernel("experts_swiglu", args[0].device, args[0].shape[0], args[1].shape[0])(*args))
+    torch.library.impl("foe::sum_route_dispatch", _device)(_route)
+    torch.library.impl("foe::experts_swiglu", _device)(_experts)

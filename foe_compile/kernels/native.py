@@ -48,5 +48,5 @@ if _C is not None:
     _devices = ("cpu", "cuda") if has_cuda() else ("cpu",)
     dispatch.register("sum_route_dispatch", "native", _devices)(
         lambda *args: torch.ops.foe.sum_route_dispatch_native(*args))
-    dispatch.register("experts_swiglu", "native", _devices)(
-        lambda *args: torch.ops.foe.experts_swiglu_native(*args))
+    dispatch.register("experts_swiglu", "native", _devices)(  # the plain SiLU SwiGLU: the schema's first 8
+        lambda *args: torch.ops.foe.experts_swiglu_native(*args[:8]))

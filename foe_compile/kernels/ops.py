@@ -12,6 +12,9 @@ from torch import Tensor
 
 from . import reference
 
+# The expert unit's variants (reference.expert_unit); the defaults are SiLU SwiGLU without biases.
+UNIT_SCHEMA = ('str activation="silu", Tensor? gate_up_bias=None, Tensor? down_bias=None, float alpha=1.0, '
+               'float? limit=None, float up_offset=0.0')
 LIB = torch.library.Library("foe", "DEF")  # noqa: TOR901 - the namespace is ours
 LIB.define(
     "sum_route_dispatch(Tensor residual, Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, "
@@ -20,7 +23,7 @@ LIB.define(
 )
 LIB.define(
     "experts_swiglu(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor topk_weights, "
-    "Tensor sorted_pairs, Tensor expert_offsets, int num_groups) -> Tensor"
+    "Tensor sorted_pairs, Tensor expert_offsets, int num_groups, " + UNIT_SCHEMA + ") -> Tensor"
 )
 # Backward ops: opaque recompute-based gradients (see _recompute_grads).
 LIB.define(
@@ -30,8 +33,8 @@ LIB.define(
 )
 LIB.define(
     "experts_swiglu_backward(Tensor grad_out, Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, "
-    "Tensor topk_weights, Tensor sorted_pairs, Tensor expert_offsets, int num_groups) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor topk_weights, Tensor sorted_pairs, Tensor expert_offsets, int num_groups, " + UNIT_SCHEMA + ") "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -49,11 +52,28 @@ def check_route_args(residual: Tensor, partials: Tensor, norm_weight: Tensor, ro
 
 
 def check_experts_args(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, pairs: Tensor, offsets: Tensor,
-                       num_groups: int) -> None:
-    E, two_i, d = gate_up.shape
+                       num_groups: int, activation: str = "silu", gate_up_bias: Tensor | None = None,
+                       down_bias: Tensor | None = None, alpha: float = 1.0, limit: float | None = None,
+                       up_offset: float = 0.0) -> None:
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}; foe::experts_swiglu computes {reference.ACTIVATIONS}")
+    gated = activation in reference.GATED_ACTIVATIONS
+    if alpha != 1.0 and activation != "silu":
+        raise ValueError(f"alpha={alpha} applies to the silu unit only (g * sigmoid(alpha * g)), not {activation!r}")
+    if not gated and (limit is not None or up_offset != 0.0):
+        raise ValueError(f"limit/up_offset apply to gated units only, not {activation!r}")
+    if limit is not None and not limit == limit:  # NaN
+        raise ValueError("limit is NaN")
+    E, rows, d = gate_up.shape
+    inner = rows // 2 if gated else rows
     torch._check(x.dim() == 2 and x.shape[1] == d, lambda: f"x must be [T, {d}], got {tuple(x.shape)}")
-    torch._check(down.shape == (E, d, two_i // 2),
-                 lambda: f"down must be [E, d, I] = {(E, d, two_i // 2)}, got {tuple(down.shape)}")
+    torch._check(not gated or rows % 2 == 0, lambda: f"gated unit needs gate_up [E, 2I, d], got {tuple(gate_up.shape)}")
+    torch._check(down.shape == (E, d, inner),
+                 lambda: f"down must be [E, d, I] = {(E, d, inner)}, got {tuple(down.shape)}")
+    torch._check(gate_up_bias is None or gate_up_bias.shape == (E, rows),
+                 lambda: f"gate_up_bias must be [E, {rows}], got {tuple(gate_up_bias.shape)}")
+    torch._check(down_bias is None or down_bias.shape == (E, d),
+                 lambda: f"down_bias must be [E, {d}], got {tuple(down_bias.shape)}")
     torch._check(ids.shape[0] == x.shape[0] and pairs.numel() == ids.numel() and offsets.numel() == E + 1,
                  lambda: "topk_ids [T, k], sorted_pairs [T*k] and expert_offsets [E+1] disagree")
     torch._check(E % num_groups == 0, lambda: f"E={E} is not divisible by num_groups={num_groups}")
@@ -70,8 +90,8 @@ def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, re
 
 
 @torch.library.register_fake("foe::experts_swiglu")
-def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups):
-    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups)
+def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):
+    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups, *unit)
     return x.new_empty(num_groups, x.shape[0], x.shape[1])
 
 
@@ -83,9 +103,9 @@ def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, re
 
 
 @torch.library.impl("foe::experts_swiglu", "CompositeExplicitAutograd")
-def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups):
-    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups)
-    return reference.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups)
+def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):
+    check_experts_args(x, gate_up, down, ids, pairs, offsets, num_groups, *unit)
+    return reference.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit)
 
 
 # ---- autograd: gradients by recomputing the differentiable part of the reference -------------
@@ -120,16 +140,23 @@ def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, route
 
 
 @torch.library.impl("foe::experts_swiglu_backward", "CompositeExplicitAutograd")
-def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups):
-    def forward(x_, gu, dn, w):
-        return reference.experts_swiglu(x_, gu, dn, ids, w, pairs, offsets, num_groups)
+def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups, activation="silu", gate_up_bias=None,
+      down_bias=None, alpha=1.0, limit=None, up_offset=0.0):
+    # Absent biases get zero stand-ins ([E, 0] would not broadcast): their gradients are dropped.
+    gate_up_bias_ = gate_up.new_zeros(gate_up.shape[:2]) if gate_up_bias is None else gate_up_bias
+    down_bias_ = down.new_zeros(down.shape[:2]) if down_bias is None else down_bias
 
-    return _recompute_grads(forward, (x, gate_up, down, weights), (grad_out,))
+    def forward(x_, gu, dn, w, gub, db):
+        return reference.experts_swiglu(x_, gu, dn, ids, w, pairs, offsets, num_groups, activation, gub, db, alpha,
+                                        limit, up_offset)
+
+    return _recompute_grads(forward, (x, gate_up, down, weights, gate_up_bias_, down_bias_), (grad_out,))
 
 
 @torch.library.register_fake("foe::experts_swiglu_backward")
-def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups):
-    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down), torch.empty_like(weights)
+def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):
+    return (torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down), torch.empty_like(weights),
+            x.new_empty(gate_up.shape[:2]), x.new_empty(down.shape[:2]))
 
 
 def _route_setup(ctx, inputs, output):
@@ -149,16 +176,18 @@ def _route_backward(ctx, grad_r, grad_xn, _ids, grad_weights, _pairs, _offsets):
 
 
 def _experts_setup(ctx, inputs, output):
-    x, gate_up, down, ids, weights, pairs, offsets, num_groups = inputs
-    ctx.save_for_backward(x, gate_up, down, ids, weights, pairs, offsets)
-    ctx.num_groups = num_groups
+    x, gate_up, down, ids, weights, pairs, offsets, num_groups, activation, gate_up_bias, down_bias, *rest = inputs
+    ctx.save_for_backward(x, gate_up, down, ids, weights, pairs, offsets, gate_up_bias, down_bias)
+    ctx.num_groups, ctx.activation, ctx.scalars = num_groups, activation, rest  # alpha, limit, up_offset
 
 
 def _experts_backward(ctx, grad_out):
-    x, gate_up, down, ids, weights, pairs, offsets = ctx.saved_tensors
-    gx, ggu, gd, gw = torch.ops.foe.experts_swiglu_backward(grad_out, x, gate_up, down, ids, weights, pairs, offsets,
-                                                            ctx.num_groups)
-    return gx, ggu, gd, None, gw, None, None, None
+    x, gate_up, down, ids, weights, pairs, offsets, gate_up_bias, down_bias = ctx.saved_tensors
+    gx, ggu, gd, gw, g_gate_up_bias, g_down_bias = torch.ops.foe.experts_swiglu_backward(
+        grad_out, x, gate_up, down, ids, weights, pairs, offsets, ctx.num_groups, ctx.activation, gate_up_bias,
+        down_bias, *ctx.scalars)
+    return (gx, ggu, gd, None, gw, None, None, None, None, g_gate_up_bias if gate_up_bias is not None else None,
+            g_down_bias if down_bias is not None else None, None, None, None)
 
 
 torch.library.register_autograd("foe::sum_route_dispatch", _route_backward, setup_context=_route_setup)

@@ -10,8 +10,16 @@ sum_route_dispatch
     pairs    = stable sort of the T*k (token, slot) pairs p = t*k + j by expert ids[t, j]
     offsets  = offsets[e] = first position of expert e in pairs, offsets[E] = T*k
 experts_swiglu
-    out[g(e), t] += w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))   for every pick (t, j) of e,
-    g(e) = e // (E / num_groups); gate_up = [gate; up] rows (transformers v5 layout)
+    h        = gate_up[e] x_t (+ gate_up_bias[e])
+    a        = unit(h): gated activations (gate_up [E, 2I, d], gate rows first, then up rows)
+                 g, u = h[:I], h[I:];  with `limit`: g = min(g, limit), u = clamp(u, -limit, limit)
+                 a = act(g) * (u + up_offset),  act = silu_alpha (g * sigmoid(alpha * g); alpha = 1
+                 is SiLU), gelu (erf) or gelu_tanh
+               ungated (gate_up [E, I, d]): relu2: a = relu(h)^2
+    out[g(e), t] += w[t, j] * (down[e] a (+ down_bias[e]))   for every pick (t, j) of e,
+    g(e) = e // (E / num_groups)
+    (Mixtral/Qwen/OLMoE: silu; Gemma 4: gelu_tanh; Nemotron-H: relu2; gpt-oss: silu with alpha 1.702,
+    limit 7, up_offset 1 and biases; DeepSeek-V4, HY-V4, MiniMax-M3: silu with a limit)
 """
 from __future__ import annotations
 
@@ -67,8 +75,30 @@ def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, 
     return r, xn, ids, weights, pairs, offsets
 
 
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+UNGATED_ACTIVATIONS = ("relu2",)
+ACTIVATIONS = GATED_ACTIVATIONS + UNGATED_ACTIVATIONS
+
+
+def expert_unit(h: Tensor, activation: str = "silu", alpha: float = 1.0, limit: float | None = None,
+                up_offset: float = 0.0) -> Tensor:
+    """The expert's unit between its two projections (see the module docstring)."""
+    if activation == "relu2":
+        return torch.square(F.relu(h))
+    gate, up = h.chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    if activation == "silu":
+        act = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(gate * alpha)
+    else:
+        act = F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return act * (up + up_offset)
+
+
 def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weights: Tensor, pairs: Tensor,
-                   offsets: Tensor, num_groups: int) -> Tensor:
+                   offsets: Tensor, num_groups: int, activation: str = "silu", gate_up_bias: Tensor | None = None,
+                   down_bias: Tensor | None = None, alpha: float = 1.0, limit: float | None = None,
+                   up_offset: float = 0.0) -> Tensor:
     T, k = ids.shape
     E = gate_up.shape[0]
     out = x.new_zeros(num_groups, T, x.shape[-1])
@@ -78,7 +108,8 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weight
         if rows.numel() == 0:
             continue
         token, slot = rows // k, rows % k
-        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[e]) * weights[token, slot, None]
+        h = F.linear(x[token], gate_up[e], None if gate_up_bias is None else gate_up_bias[e])
+        a = expert_unit(h, activation, alpha, limit, up_offset)
+        y = F.linear(a, down[e], None if down_bias is None else down_bias[e]) * weights[token, slot, None]
         out[e // (E // num_groups)].index_add_(0, token, y.to(out.dtype))
     return out

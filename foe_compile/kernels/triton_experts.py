@@ -253,5 +253,5 @@ def usable() -> bool:
 
 
 if usable():
-    dispatch.register("experts_swiglu", "triton",
-                      device_types=("cuda", "cpu") if INTERPRETED else ("cuda",))(experts_swiglu)
+    dispatch.register("experts_swiglu", "triton",  # the plain SiLU SwiGLU: the schema's first 8 arguments
+                      device_types=("cuda", "cpu") if INTERPRETED else ("cuda",))(lambda *args: experts_swiglu(*args[:8]))
