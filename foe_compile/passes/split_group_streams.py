@@ -150,7 +150,7 @@ def _full_width_norm_inputs(region: list[fx.Node], attn: AttentionMatch) -> dict
 
 def _gather_own_heads(g: fx.Graph, per_group: list[fx.Node]) -> fx.Node:
     """[..., heads*hd] from group h's own heads of per_group[h]: what a cross-group sum of squares sees."""
-    H, width = len(per_group), val(per_group[0]).shape[-1] // len(per_group)
+    width = val(per_group[0]).shape[-1] // len(per_group)
     parts = [g.call_function(aten.slice.Tensor, (p, -1, h * width, (h + 1) * width)) for h, p in enumerate(per_group)]
     out = g.call_function(aten.cat.default, (parts, -1))
     out.meta["val"] = val(per_group[0])

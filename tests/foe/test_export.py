@@ -1,6 +1,5 @@
 """Ahead-of-time export: ONNX files run in onnxruntime and AOTInductor packages equal the PyTorch
 model they came from, at the capture shape and at others (batch and sequence stay symbolic)."""
-import copy
 
 import onnx
 import onnxruntime as ort
