@@ -139,6 +139,81 @@ def test_bad_arguments():
         te.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, 4)
     with pytest.raises(TypeError, match="dtype"):
         te.experts_swiglu(x.double(), gate_up, down, ids, weights, pairs, offsets, 1)
+    with pytest.raises(ValueError, match="unknown expert activation"):
+        te.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, 1, "swish")
+    with pytest.raises(ValueError, match="shapes disagree"):  # relu2 is ungated: gate_up must be [E, I, d]
+        te.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, 1, "relu2")
+    with pytest.raises(ValueError, match="shapes disagree"):
+        te.experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, 1, "silu", gate_up.new_zeros(6, 24))
+
+
+# ---- expert-unit variants (reference.expert_unit) --------------------------------------------
+
+# (alpha, limit, up_offset): none, gpt-oss's, and a limit small enough that most gates and ups clamp.
+UNIT_PARAMS = {"plain": (1.0, None, 0.0), "gpt_oss": (1.702, 7.0, 1.0), "clamping": (1.702, 0.3, 1.0)}
+VARIANTS = [(act, params) for act in reference.GATED_ACTIVATIONS for params in UNIT_PARAMS] + [("relu2", "plain")]
+
+
+def variant_case(activation, params, bias, groups=1, T=7, dtype=torch.float32, seed=0):
+    """make_case's inputs followed by the unit's arguments (E = 6, d = 40, I = 24)."""
+    x, gate_up, down, ids, weights, pairs, offsets, _ = make_case(T, 40, 24, 6, 2, groups, dtype=dtype, seed=seed)
+    if activation == "relu2":  # ungated: [E, I, d], here a strided view of the gate rows
+        gate_up = gate_up[:, :24]
+    alpha, limit, up_offset = UNIT_PARAMS[params]
+    if activation != "silu":  # alpha belongs to the silu unit (ops.check_experts_args)
+        alpha = 1.0
+    gate_up_bias = down_bias = None
+    if bias:
+        gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+        gate_up_bias = (torch.randn(6, gate_up.shape[1], generator=gen, device=DEVICE) / 2).to(dtype)
+        down_bias = (torch.randn(40, 6, generator=gen, device=DEVICE) / 2).to(dtype).t()  # strides (1, E)
+    return (x, gate_up, down, ids, weights, pairs, offsets, groups, activation, gate_up_bias, down_bias, alpha,
+            limit, up_offset)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("activation,params", VARIANTS)
+def test_unit_variants(activation, params, bias, groups):
+    case = variant_case(activation, params, bias, groups)
+    out = check(case)
+    if params == "clamping":  # the limit changed the result: the clamp is exercised
+        unclamped = reference.experts_swiglu(*case[:12], None, case[13])
+        assert (out - unclamped).abs().max() > 100 * TOLERANCE[torch.float32][0]
+
+
+@pytest.mark.parametrize("activation,params", [("gelu_tanh", "gpt_oss"), ("relu2", "plain")])
+def test_unit_variants_no_tokens(activation, params):
+    assert check(variant_case(activation, params, bias=True, groups=2, T=0)).shape == (2, 0, 40)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on the NaN row
+@pytest.mark.parametrize("activation,params", [("silu", "clamping"), ("relu2", "plain")])
+def test_unit_variants_propagate_nan(activation, params):
+    """A NaN token stays NaN through the clamp and relu (torch's clamp/relu propagate it; a
+    fmin/fmax would turn it into the limit or 0), and its rows only."""
+    x, *rest = variant_case(activation, params, bias=True)
+    x[2] = float("nan")
+    out, ref = te.experts_swiglu(x, *rest), reference.experts_swiglu(x, *rest)
+    assert out[:, 2].isnan().all()
+    atol, rtol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def test_unit_variant_low_precision():
+    check(variant_case("silu", "gpt_oss", bias=True, groups=2, dtype=torch.bfloat16), torch.bfloat16)
+
+
+def test_dispatch_selects_triton_for_variants():
+    assert dispatch.features("experts_swiglu", "triton") == dispatch.FEATURES["experts_swiglu"]
+    case = variant_case("gelu_tanh", "gpt_oss", bias=True, groups=2)
+    needs = dispatch.experts_features(*case[8:])
+    assert needs == {"gelu_tanh", "bias", "clamped"}
+    with dispatch.use_backend("triton"):
+        assert dispatch.kernel("experts_swiglu", torch.device(DEVICE), 7, 6, needs) is te.experts_swiglu
+        out = torch.ops.foe.experts_swiglu(*case)
+    atol, rtol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(out, reference.experts_swiglu(*case), atol=atol, rtol=rtol)
 
 
 # ---- GPU only: full sizes, > 2^31 element buffers, CUDA graphs ------------------------------
