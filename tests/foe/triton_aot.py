@@ -15,18 +15,24 @@ from triton.compiler import ASTSource
 from foe_compile.kernels import launch_configs, triton_experts as te
 
 TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = ("alpha", "limit", "up_offset")  # the expert unit's runtime scalars
 
 
 def compile_shared(fn, pointers: dict, ints: dict, unit: tuple, consts: dict, options: dict) -> int:
-    """Shared memory of `fn` compiled for TARGET; `ints` values give 16-divisibility hints."""
+    """Shared memory of `fn` compiled for TARGET; `ints` values give 16-divisibility hints; a pointer
+    given as None is an absent optional tensor (a constexpr None, as a launch with None passes it)."""
     signature, attrs, consts = {}, {}, dict(consts)
     for i, name in enumerate(fn.arg_names):
-        if name in pointers:
+        if name in pointers and pointers[name] is None:
+            signature[name], consts[name] = "constexpr", None
+        elif name in pointers:
             signature[name], attrs[(i,)] = pointers[name], [["tt.divisibility", 16]]
         elif name in unit:
             signature[name], consts[name] = "constexpr", 1
         elif name in consts:
             signature[name] = "constexpr"
+        elif name in FLOATS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if ints.get(name, 1) % 16 == 0:
@@ -37,21 +43,24 @@ def compile_shared(fn, pointers: dict, ints: dict, unit: tuple, consts: dict, op
 
 
 def shared_bytes(E: int, I: int, d: int, cfg: dict) -> tuple[int, int]:
+    """The plain SiLU SwiGLU: the gated variants share its tiles, the ungated one has fewer."""
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_E=te._pow2(E, 2), PRECISION="tf32", UPCAST=False)
     bf16 = "*bf16"
     gu, dn = cfg["gate_up"], cfg["down"]
     bn, bk = min(gu["BLOCK_N"], te._pow2(I)), min(gu["BLOCK_K"], te._pow2(d))
     a = compile_shared(
-        te._gate_up_swiglu_kernel, dict(x_ptr=bf16, w_ptr=bf16, h_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64"),
+        te._gate_up_swiglu_kernel,
+        dict(x_ptr=bf16, w_ptr=bf16, b_ptr=None, h_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64"),
         dict(E=E, I=I, d=d, k=8, num_pid_m=3, stride_xt=d, stride_we=2 * I * d, stride_wn=d), ("stride_xd", "stride_wd"),
-        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gu["GROUP_M"], EVEN_K=d % bk == 0),
+        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gu["GROUP_M"], EVEN_K=d % bk == 0, ACTIVATION="silu",
+             HAS_BIAS=False, HAS_LIMIT=False),
         dict(num_warps=gu["num_warps"], num_stages=gu["num_stages"]))
     bn, bk = min(dn["BLOCK_N"], te._pow2(d)), min(dn["BLOCK_K"], te._pow2(I))
     b = compile_shared(
         te._down_weighted_kernel,
-        dict(h_ptr=bf16, w_ptr=bf16, y_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64", rw_ptr=bf16),
+        dict(h_ptr=bf16, w_ptr=bf16, b_ptr=None, y_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64", rw_ptr=bf16),
         dict(E=E, I=I, d=d, k=8, num_pid_m=3, stride_we=I * d, stride_wn=I, stride_rt=8), ("stride_wk", "stride_rk"),
-        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0),
+        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0, HAS_BIAS=False),
         dict(num_warps=dn["num_warps"], num_stages=dn["num_stages"]))
     return a, b
 
