@@ -5,6 +5,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <iterator>
+#include <utility>
 #include <vector>
 
 namespace foe {
@@ -12,6 +16,17 @@ namespace foe {
 namespace {
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// An optional bias: [E, n] (`layout` names it) in x's dtype, on x's device.
+void check_bias(const std::optional<at::Tensor>& bias, const char* name, const char* layout, const at::Tensor& x,
+                int64_t E, int64_t n) {
+  if (!bias) return;
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == n, name, " must be ", layout, " = [", E,
+              ", ", n, "], got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
+              bias->scalar_type(), ": cast it with .to(x.dtype)");
+  TORCH_CHECK(bias->device() == x.device(), "all inputs of foe::experts_swiglu must be on x's device ", x.device());
 }
 }  // namespace
 
@@ -40,11 +55,33 @@ void check_route_args(const at::Tensor& residual, const at::Tensor& partials, co
               "all inputs of foe::sum_route_dispatch must be on one device (", partials.device(), ")");
 }
 
+ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,
+                             double up_offset) {
+  static constexpr std::pair<c10::string_view, Activation> kNames[] = {
+      {"silu", Activation::kSilu}, {"gelu", Activation::kGelu}, {"gelu_tanh", Activation::kGeluTanh},
+      {"relu2", Activation::kRelu2}};
+  const auto* found = std::find_if(std::begin(kNames), std::end(kNames),
+                                   [&](const auto& entry) { return entry.first == activation; });
+  TORCH_CHECK_VALUE(found != std::end(kNames), "unknown expert activation '", activation,
+                    "'; foe::experts_swiglu computes silu, gelu, gelu_tanh and relu2");
+  const ExpertUnit unit{found->second, alpha, limit, up_offset};
+  TORCH_CHECK_VALUE(alpha == 1.0 || unit.activation == Activation::kSilu, "alpha=", alpha,
+                    " applies to the silu unit only (g * sigmoid(alpha * g)), not ", activation);
+  TORCH_CHECK_VALUE(unit.gated() || (!limit && up_offset == 0.0), "limit/up_offset apply to gated units only, not ",
+                    activation);
+  TORCH_CHECK_VALUE(!limit || !std::isnan(*limit), "limit is NaN");
+  return unit;
+}
+
 void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                         const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
-                        const at::Tensor& expert_offsets, int64_t num_groups) {
-  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) % 2 == 0, "gate_up must be [E, 2I, d], got ", gate_up.sizes());
-  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, d = gate_up.size(2);
+                        const at::Tensor& expert_offsets, int64_t num_groups, const ExpertUnit& unit,
+                        const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias) {
+  TORCH_CHECK(gate_up.dim() == 3, "gate_up must be [E, 2I, d] (gated) or [E, I, d] (relu2), got ", gate_up.sizes());
+  TORCH_CHECK(!unit.gated() || gate_up.size(1) % 2 == 0, "a gated unit needs gate_up [E, 2I, d], got ",
+              gate_up.sizes());
+  const int64_t E = gate_up.size(0), rows = gate_up.size(1), d = gate_up.size(2);
+  const int64_t I = unit.gated() ? rows / 2 : rows;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == d, "x must be [T, ", d, "], got ", x.sizes());
   TORCH_CHECK(down.dim() == 3 && down.size(0) == E && down.size(1) == d && down.size(2) == I,
               "down must be [E, d, I] = [", E, ", ", d, ", ", I, "], got ", down.sizes());
@@ -65,6 +102,8 @@ void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at
   for (const at::Tensor* t : {&gate_up, &down, &topk_ids, &topk_weights, &sorted_pairs, &expert_offsets}) {
     TORCH_CHECK(t->device() == x.device(), "all inputs of foe::experts_swiglu must be on x's device ", x.device());
   }
+  check_bias(gate_up_bias, "gate_up_bias", unit.gated() ? "[E, 2I]" : "[E, I]", x, E, rows);
+  check_bias(down_bias, "down_bias", "[E, d]", x, E, d);
 }
 
 void check_routing_indices(const at::Tensor& topk_ids, const at::Tensor& sorted_pairs,

@@ -1,21 +1,61 @@
 // foe::experts_swiglu on CPU: per expert, one gathered GEMM pair over the rows routed to it.
-//   out[g(e), t] += w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))   for the picks (t, j) of expert e
-// Experts run in ascending order and each add rounds to x's dtype, as in reference.py, so results
-// match the reference up to GEMM summation order.
+//   out[g(e), t] += w[t, j] * (down_e unit(gate_up_e x_t + b_e) + c_e)   for the picks (t, j) of expert e
+// with unit() the expert unit of reference.expert_unit (default: silu(gate) * up). Experts run in ascending
+// order and each op rounds to x's dtype where the reference's ops do (biases join inside at::linear's GEMM, in
+// its accumulation dtype, as in the reference's F.linear), so results match the reference up to GEMM
+// summation order.
 #include "foe_ops.h"
 
 #include <ATen/ATen.h>
 
 namespace foe {
 
+namespace {
+
+// unit(h) for one expert's rows h [n, 2I] (gated) or [n, I] (relu2), op by op as reference.expert_unit.
+at::Tensor expert_unit(const at::Tensor& h, const ExpertUnit& unit) {
+  if (!unit.gated()) return at::square(at::relu(h));  // relu2
+  const int64_t I = h.size(1) / 2;
+  auto gate = h.slice(1, 0, I), up = h.slice(1, I, 2 * I);
+  if (unit.limit) {
+    gate = at::clamp_max(gate, *unit.limit);
+    up = at::clamp(up, -*unit.limit, *unit.limit);
+  }
+  at::Tensor act;
+  switch (unit.activation) {
+    case Activation::kSilu:
+      act = unit.alpha == 1.0 ? at::silu(gate) : gate * at::sigmoid(gate * unit.alpha);
+      break;
+    case Activation::kGelu:
+      act = at::gelu(gate);
+      break;
+    default:  // kGeluTanh (relu2 returned above)
+      act = at::gelu(gate, "tanh");
+      break;
+  }
+  return act * (unit.up_offset == 0.0 ? up : up + unit.up_offset);
+}
+
+// Row e of an optional [E, n] bias.
+std::optional<at::Tensor> bias_of(const std::optional<at::Tensor>& bias, int64_t e) {
+  return bias ? std::optional<at::Tensor>((*bias)[e]) : std::nullopt;
+}
+
+}  // namespace
+
 at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                               const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                              const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups) {
-  check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups);
+                              const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
+                              c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
+                              const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
+                              double up_offset) {
+  const ExpertUnit unit = parse_expert_unit(activation, alpha, limit, up_offset);
+  check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups, unit,
+                     gate_up_bias, down_bias);
   TORCH_CHECK(x.device().is_cpu(), "experts_swiglu_cpu got a ", x.device(), " tensor");
   check_routing_indices(topk_ids, sorted_pairs, expert_offsets, gate_up.size(0));  // ids, pairs, offsets in range
   const int64_t T = x.size(0), d = x.size(1), k = topk_ids.size(1);
-  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, experts_per_group = E / num_groups;
+  const int64_t E = gate_up.size(0), experts_per_group = E / num_groups;
   auto out = at::zeros({num_groups, T, d}, x.options());  // [G,T,d]
   if (T == 0) return out;
 
@@ -28,9 +68,9 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, co
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = bounds[e], end = bounds[e + 1];
     if (end == begin) continue;
-    const auto gate_up_out = at::linear(rows.slice(0, begin, end), gate_up[e]);  // [n,2I]
-    const auto hidden = at::silu(gate_up_out.slice(1, 0, I)) * gate_up_out.slice(1, I, 2 * I);  // [n,I]
-    const auto y = at::linear(hidden, down[e]) * pair_weights.slice(0, begin, end);             // [n,d]
+    const auto h = at::linear(rows.slice(0, begin, end), gate_up[e], bias_of(gate_up_bias, e));  // [n,2I] or [n,I]
+    const auto hidden = expert_unit(h, unit);                                                    // [n,I]
+    const auto y = at::linear(hidden, down[e], bias_of(down_bias, e)) * pair_weights.slice(0, begin, end);  // [n,d]
     out[e / experts_per_group].index_add_(0, tokens.slice(0, begin, end), y);
   }
   return out;

@@ -5,7 +5,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace foe {
@@ -17,12 +20,31 @@ using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // Uninitialised (r [T,d], xn [T,d], ids [T,k], weights [T,k], pairs [T*k], offsets [E+1]) on partials' device.
 RouteOutputs empty_route_outputs(const at::Tensor& partials /*[H,T,d]*/, int64_t num_experts, int64_t top_k);
 
+// The expert unit of foe::experts_swiglu between its two projections (reference.expert_unit). The values are
+// the FOE_ACT_* codes the CUDA kernels take (kernels/experts_swiglu.cuh; asserted in experts_swiglu_cuda.cu).
+enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu2 = 3 };
+
+struct ExpertUnit {
+  Activation activation = Activation::kSilu;
+  double alpha = 1.0;           // silu only: g * sigmoid(alpha * g)
+  std::optional<double> limit;  // gated only: g = min(g, limit), u = clamp(u, -limit, limit)
+  double up_offset = 0.0;       // gated only: act(g) * (u + up_offset)
+  // Gated units read gate_up [E, 2I, d] (gate rows first), ungated ones (relu2) gate_up [E, I, d].
+  bool gated() const { return activation != Activation::kRelu2; }
+};
+
 // Argument checks shared by every device (messages say what to change).
 void check_route_args(const at::Tensor& residual, const at::Tensor& partials, const at::Tensor& norm_weight,
                       const at::Tensor& router_weight, int64_t num_groups, int64_t top_k);
+// The unit arguments of foe::experts_swiglu parsed once; raises ValueError (as ops.check_experts_args) on an
+// unknown activation, alpha != 1 with another activation than silu, limit/up_offset with an ungated unit or a
+// NaN limit.
+ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,
+                             double up_offset);
 void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                         const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
-                        const at::Tensor& expert_offsets, int64_t num_groups);
+                        const at::Tensor& expert_offsets, int64_t num_groups, const ExpertUnit& unit,
+                        const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias);
 
 // Values of the routing tensors passed to foe::experts_swiglu, O(T*k + E) on CPU tensors (contiguous
 // int64; shapes already checked by check_experts_args). Raises unless expert_offsets [E+1] starts at 0, never
@@ -45,10 +67,15 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual /*[1 or H,T,d]*/,
                                     const at::Tensor& router_weight /*[E,d]*/, int64_t num_groups, int64_t top_k,
                                     bool renormalize);
 
-at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& gate_up /*[E,2I,d]*/,
+// The arguments after num_groups are the schema's unit arguments, with its defaults (the plain SiLU SwiGLU).
+at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& gate_up /*[E,2I,d] or [E,I,d]*/,
                               const at::Tensor& down /*[E,d,I]*/, const at::Tensor& topk_ids /*[T,k]*/,
                               const at::Tensor& topk_weights /*[T,k]*/, const at::Tensor& sorted_pairs /*[T*k]*/,
-                              const at::Tensor& expert_offsets /*[E+1]*/, int64_t num_groups);
+                              const at::Tensor& expert_offsets /*[E+1]*/, int64_t num_groups,
+                              c10::string_view activation = "silu",
+                              const std::optional<at::Tensor>& gate_up_bias = std::nullopt /*[E,2I] or [E,I]*/,
+                              const std::optional<at::Tensor>& down_bias = std::nullopt /*[E,d]*/, double alpha = 1.0,
+                              std::optional<double> limit = std::nullopt, double up_offset = 0.0);
 
 #ifdef FOE_WITH_CUDA
 RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
@@ -56,7 +83,10 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
                                      int64_t num_groups, int64_t top_k, bool renormalize);
 at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                                const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                               const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups);
+                               const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
+                               c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
+                               const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
+                               double up_offset);
 #endif
 
 }  // namespace foe

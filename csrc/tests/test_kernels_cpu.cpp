@@ -1,7 +1,9 @@
-// CTest: the C++ CPU kernels against a scalar C++ reference written here (formulas of reference.py).
+// CTest: the C++ CPU kernels against a scalar C++ reference written here (formulas of reference.py), the
+// experts for every expert unit variant (activations, biases, gpt-oss's alpha / limit / up_offset).
 // Float outputs within 1e-5 (fp32), ids / sorted_pairs / expert_offsets exactly equal, including the
 // stable order of pairs within an expert. NaN rows and exact ties: ids equal at::topk's (the reference's
-// torch.topk) exactly. Bad routing indices raise c10::Error. Exits non-zero on the first mismatch.
+// torch.topk) exactly. Bad routing indices and unit arguments raise c10::Error. Exits non-zero on the first
+// mismatch.
 #include "foe_ops.h"
 
 #include <ATen/ATen.h>
@@ -14,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -99,38 +102,126 @@ void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_gr
   expect(equal(offsets, want_offsets), "expert_offsets", T, E, k, H);
 }
 
-// Experts: out[g(e), t] += w * down_e(silu(gate_e x) * up_e x), gate rows first.
-void check_experts(int64_t T, int64_t E, int64_t k, int64_t H, int64_t d = 24, int64_t inter = 20) {
+// fn() must raise a c10::Error whose message contains `needle`.
+template <typename Fn>
+void expect_error(Fn fn, const char* needle) {
+  bool raised = false;
+  try {
+    fn();
+  } catch (const c10::Error& error) {
+    raised = std::string(error.what()).find(needle) != std::string::npos;
+    if (!raised) std::fprintf(stderr, "unexpected message: %s\n", error.what());
+  }
+  expect(raised, needle, 0, 0, 0, 0);
+}
+
+// An expert unit of foe::experts_swiglu (the schema's unit arguments) and whether both biases are passed.
+struct Unit {
+  const char* activation = "silu";
+  double alpha = 1.0;
+  std::optional<double> limit;
+  double up_offset = 0.0;
+  bool biases = false;
+  bool gated() const { return std::string(activation) != "relu2"; }
+};
+
+// reference.expert_unit for one hidden entry from g = gate row . x (+ bias), u = up row . x (+ bias); relu2: g = h.
+float unit_value(float g, float u, const Unit& unit) {
+  const std::string activation = unit.activation;
+  if (activation == "relu2") return g > 0.f ? g * g : 0.f;
+  if (unit.limit) {
+    const float limit = static_cast<float>(*unit.limit);
+    g = std::min(g, limit);
+    u = std::clamp(u, -limit, limit);
+  }
+  float act;
+  if (activation == "silu") {
+    act = g / (1.f + std::exp(-static_cast<float>(unit.alpha) * g));
+  } else if (activation == "gelu") {
+    act = 0.5f * g * (1.f + std::erf(g / std::sqrt(2.f)));
+  } else {  // gelu_tanh
+    act = 0.5f * g * (1.f + std::tanh(std::sqrt(2.f / static_cast<float>(M_PI)) * (g + 0.044715f * g * g * g)));
+  }
+  return act * (u + static_cast<float>(unit.up_offset));
+}
+
+// Experts: out[g(e), t] += w * (down_e unit(gate_up_e x + b_e) + c_e), gate rows first (gated units).
+void check_experts(int64_t T, int64_t E, int64_t k, int64_t H, const Unit& unit = {}, int64_t d = 24,
+                   int64_t inter = 20) {
   const auto routed = foe::sum_route_dispatch_cpu(at::zeros({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
                                                   at::randn({E, d}), H, k, true);
   const auto& [r, x, ids, weights, pairs, offsets] = routed;
-  const auto gate_up = at::randn({E, 2 * inter, d}), down = at::randn({E, d, inter});
-  gate_up.slice(1, inter).mul_(0.25);  // asymmetric gate/up
-  const auto out = foe::experts_swiglu_cpu(x, gate_up, down, ids, weights, pairs, offsets, H);
+  const int64_t rows = unit.gated() ? 2 * inter : inter;  // gate_up rows per expert
+  const auto gate_up = at::randn({E, rows, d}), down = at::randn({E, d, inter});
+  if (unit.gated()) gate_up.slice(1, inter).mul_(0.25);  // asymmetric gate/up
+  const std::optional<at::Tensor> gate_up_bias = unit.biases ? std::optional(at::randn({E, rows})) : std::nullopt;
+  const std::optional<at::Tensor> down_bias = unit.biases ? std::optional(at::randn({E, d})) : std::nullopt;
+  const auto out = foe::experts_swiglu_cpu(x, gate_up, down, ids, weights, pairs, offsets, H, unit.activation,
+                                           gate_up_bias, down_bias, unit.alpha, unit.limit, unit.up_offset);
   std::vector<float> want(H * T * d, 0.f);
   const float *xs = x.const_data_ptr<float>(), *gu = gate_up.const_data_ptr<float>(), *dn = down.const_data_ptr<float>();
   const float* w = weights.const_data_ptr<float>();
+  const float* gub = unit.biases ? gate_up_bias->const_data_ptr<float>() : nullptr;  // [E,rows]
+  const float* db = unit.biases ? down_bias->const_data_ptr<float>() : nullptr;       // [E,d]
   const int64_t* id = ids.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = id[t * k + j];
       std::vector<float> h(inter);
       for (int64_t i = 0; i < inter; ++i) {
-        float gate = 0.f, up = 0.f;
+        float gate = gub ? gub[e * rows + i] : 0.f, up = gub && unit.gated() ? gub[e * rows + inter + i] : 0.f;
         for (int64_t c = 0; c < d; ++c) {
-          gate += gu[(e * 2 * inter + i) * d + c] * xs[t * d + c];
-          up += gu[(e * 2 * inter + inter + i) * d + c] * xs[t * d + c];
+          gate += gu[(e * rows + i) * d + c] * xs[t * d + c];
+          if (unit.gated()) up += gu[(e * rows + inter + i) * d + c] * xs[t * d + c];
         }
-        h[i] = gate / (1.f + std::exp(-gate)) * up;
+        h[i] = unit_value(gate, up, unit);
       }
       for (int64_t c = 0; c < d; ++c) {
-        float y = 0.f;
+        float y = db ? db[e * d + c] : 0.f;
         for (int64_t i = 0; i < inter; ++i) y += dn[(e * d + c) * inter + i] * h[i];
         want[((e / (E / H)) * T + t) * d + c] += w[t * k + j] * y;
       }
     }
   }
-  expect(close(out, want, 1e-4f), "experts_swiglu out", T, E, k, H);
+  const std::string what = std::string("experts_swiglu out, ") + unit.activation + (unit.biases ? " + biases" : "") +
+                           (unit.limit ? " + limit" : "") + (unit.alpha != 1.0 ? " + alpha" : "") +
+                           (unit.up_offset != 0.0 ? " + up_offset" : "");
+  expect(close(out, want, 1e-4f), what.c_str(), T, E, k, H);
+}
+
+// The unit variants: every activation with and without biases; gpt-oss's clamped SiLU (alpha 1.702, limit 7,
+// up_offset 1; gate/up of std ~5 and ~1 here, so the limit clamps some) and a limit that clamps most gates.
+std::vector<Unit> unit_variants() {
+  std::vector<Unit> units;
+  for (bool biases : {false, true}) {
+    for (const char* activation : {"silu", "gelu", "gelu_tanh", "relu2"}) units.push_back({activation, 1.0, {}, 0.0, biases});
+    units.push_back({"silu", 1.702, 7.0, 1.0, biases});
+    units.push_back({"gelu_tanh", 1.0, 0.5, -0.25, biases});
+  }
+  return units;
+}
+
+// Bad unit arguments are refused with a message naming the problem.
+void check_bad_unit_args() {
+  const int64_t T = 4, E = 6, k = 2, H = 2, d = 8, inter = 4;
+  const auto routed = foe::sum_route_dispatch_cpu(at::zeros({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
+                                                  at::randn({E, d}), H, k, true);
+  const auto& [r, x, ids, weights, pairs, offsets] = routed;
+  const auto gate_up = at::randn({E, 2 * inter, d}), down = at::randn({E, d, inter});
+  const auto run = [&](const at::Tensor& gu, c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
+                       const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit) {
+    foe::experts_swiglu_cpu(x, gu, down, ids, weights, pairs, offsets, H, activation, gate_up_bias, down_bias, alpha,
+                            limit);
+  };
+  const auto ungated = gate_up.slice(1, 0, inter);  // relu2's [E, I, d]
+  expect_error([&] { run(gate_up, "swish", {}, {}, 1.0, {}); }, "unknown expert activation 'swish'");
+  expect_error([&] { run(gate_up, "gelu", {}, {}, 1.702, {}); }, "applies to the silu unit only");
+  expect_error([&] { run(ungated, "relu2", {}, {}, 1.0, 7.0); }, "gated units only");
+  expect_error([&] { run(gate_up, "silu", {}, {}, 1.0, std::nan("")); }, "limit is NaN");
+  expect_error([&] { run(gate_up, "silu", at::zeros({E, inter}), {}, 1.0, {}); }, "gate_up_bias must be [E, 2I]");
+  expect_error([&] { run(gate_up, "silu", {}, at::zeros({E, d}, at::kDouble), 1.0, {}); },
+               "down_bias must have x's dtype");
+  expect_error([&] { run(gate_up, "relu2", {}, {}, 1.0, {}); }, "down must be [E, d, I]");  // [E, 2I, d] for relu2
 }
 
 void check_grouping_adversarial() {
@@ -213,41 +304,34 @@ void check_bad_routing_indices() {
                                                   at::randn({E, d}), H, k, true);
   const auto& [r, x, ids, weights, pairs, offsets] = routed;
   const auto gate_up = at::randn({E, 2 * inter, d}), down = at::randn({E, d, inter});
-  const auto expect_error = [&](const at::Tensor& i, const at::Tensor& p, const at::Tensor& o, const char* needle) {
-    bool raised = false;
-    try {
-      foe::experts_swiglu_cpu(x, gate_up, down, i, weights, p, o, H);
-    } catch (const c10::Error& error) {
-      raised = std::string(error.what()).find(needle) != std::string::npos;
-      if (!raised) std::fprintf(stderr, "unexpected message: %s\n", error.what());
-    }
-    expect(raised, needle, T, E, k, H);
+  const auto refused = [&](const at::Tensor& i, const at::Tensor& p, const at::Tensor& o, const char* needle) {
+    expect_error([&] { foe::experts_swiglu_cpu(x, gate_up, down, i, weights, p, o, H); }, needle);
   };
   foe::experts_swiglu_cpu(x, gate_up, down, ids, weights, pairs, offsets, H);  // the genuine ones pass
   auto o = offsets.clone();
   o[E] = T * k + 1;
-  expect_error(ids, pairs, o, "end at T*k");
+  refused(ids, pairs, o, "end at T*k");
   o = offsets.clone();
   o[0] = 1;
-  expect_error(ids, pairs, o, "start at 0");
+  refused(ids, pairs, o, "start at 0");
   o = offsets.clone();
   o[2] = T * k;  // expert 2's segment ends past expert 3's start
   o[3] = 0;
-  expect_error(ids, pairs, o, "non-decreasing");
+  refused(ids, pairs, o, "non-decreasing");
   auto i = ids.clone();
   i[1][1] = E;
-  expect_error(i, pairs, offsets, "is not an expert id");
+  refused(i, pairs, offsets, "is not an expert id");
   i = ids.clone();
   i[0][0] = -1;
-  expect_error(i, pairs, offsets, "is not an expert id");
+  refused(i, pairs, offsets, "is not an expert id");
   auto p = pairs.clone();
   p[0] = T * k;
-  expect_error(ids, p, offsets, "is not a pair index");
+  refused(ids, p, offsets, "is not a pair index");
   p = pairs.clone();
   p[1] = p[0];
-  expect_error(ids, p, offsets, "twice");
+  refused(ids, p, offsets, "twice");
   p = pairs.flip(0).contiguous();  // a permutation, but not grouped by expert
-  expect_error(ids, p, offsets, "segment");
+  refused(ids, p, offsets, "segment");
 }
 }  // namespace
 
@@ -261,6 +345,14 @@ int main() {
     check_route(T, 60, 8, 4, 1);
     check_experts(T, 12, 4, 2);
   }
+  for (const Unit& unit : unit_variants()) {
+    for (int64_t T : {0, 7}) {
+      check_experts(T, 12, 4, 2, unit);
+      check_experts(T, 12, 4, 1, unit);
+    }
+    check_experts(5, 1, 1, 1, unit);  // E = 1
+  }
+  check_bad_unit_args();
   check_grouping_adversarial();
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   for (float poison : {nan, inf, -inf}) {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import dispatch, ops
+from . import dispatch, ops, reference
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "csrc" / "kernels"
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -143,28 +143,43 @@ def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, 
     return r, xn, ids, weights, pairs, offsets
 
 
+def _optional_ptr(t: Tensor | None) -> np.uint64:
+    """A bias pointer as the kernels take it: null when absent."""
+    return np.uint64(0) if t is None else _ptr(t)
+
+
 def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                   sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int) -> Tensor:
-    ops.check_experts_args(x, gate_up, down, topk_ids, sorted_pairs, expert_offsets, num_groups)
-    suffix = _check_dtype(x, gate_up, down, topk_weights)
+                   sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int, activation: str = "silu",
+                   gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, alpha: float = 1.0,
+                   limit: float | None = None, up_offset: float = 0.0) -> Tensor:
+    ops.check_experts_args(x, gate_up, down, topk_ids, sorted_pairs, expert_offsets, num_groups, activation,
+                           gate_up_bias, down_bias, alpha, limit, up_offset)
+    biases = [b for b in (gate_up_bias, down_bias) if b is not None]
+    suffix = _check_dtype(x, gate_up, down, topk_weights, *biases)
     _check_routing_tensors(topk_ids, topk_weights, sorted_pairs, expert_offsets, x.device)
     xs, gu, dn, ids, weights, pairs = (t.contiguous() for t in (x, gate_up, down, topk_ids, topk_weights, sorted_pairs))
+    gu_bias, dn_bias = (None if b is None else b.contiguous() for b in (gate_up_bias, down_bias))
     T, d = xs.shape
-    k, E, inter = ids.shape[1], gu.shape[0], gu.shape[1] // 2
-    rows = _constants()["FOE_ROWS_PER_BLOCK"]
+    k, E = ids.shape[1], gu.shape[0]
+    inter = gu.shape[1] // 2 if activation in reference.GATED_ACTIVATIONS else gu.shape[1]
+    c = _constants()
+    rows = c["FOE_ROWS_PER_BLOCK"]
     threads = 32 * rows  # FOE_EXPERT_THREADS: one warp per row
     out = torch.empty(num_groups, T, d, dtype=xs.dtype, device=xs.device)      # [G, T, d], fully written
     hidden = torch.empty(T * k, inter, dtype=torch.float32, device=xs.device)  # [T*k, I] by pair id
     if T * k == 0:
         return out
+    unit = [np.int32(c[f"FOE_ACT_{activation.upper()}"]), np.float32(alpha),
+            np.float32(np.inf if limit is None else limit), np.float32(up_offset)]  # no limit: +inf clamps nothing
     _launch(f"foe_experts_up_{suffix}", xs.device, (T * k, -(-inter // rows)), threads,
-            [_ptr(xs), _ptr(gu), _ptr(ids), _ptr(pairs), np.int64(d), np.int64(inter), np.int32(k), _ptr(hidden)])
+            [_ptr(xs), _ptr(gu), _optional_ptr(gu_bias), _ptr(ids), _ptr(pairs), np.int64(d), np.int64(inter),
+             np.int32(k), *unit, _ptr(hidden)])
     _launch(f"foe_experts_down_{suffix}", xs.device, (T * num_groups, -(-d // rows)), threads,
-            [_ptr(dn), _ptr(ids), _ptr(weights), _ptr(hidden), np.int64(d), np.int64(inter), np.int32(k),
-             np.int32(E // num_groups), np.int32(num_groups), np.int64(T), _ptr(out)])
+            [_ptr(dn), _optional_ptr(dn_bias), _ptr(ids), _ptr(weights), _ptr(hidden), np.int64(d), np.int64(inter),
+             np.int32(k), np.int32(E // num_groups), np.int32(num_groups), np.int64(T), _ptr(out)])
     return out
 
 
 if UNAVAILABLE_REASON is None:
     dispatch.register("sum_route_dispatch", "cupy", ("cuda",))(sum_route_dispatch)
-    dispatch.register("experts_swiglu", "cupy", ("cuda",))(lambda *args: experts_swiglu(*args[:8]))  # plain SwiGLU
+    dispatch.register("experts_swiglu", "cupy", ("cuda",), features=dispatch.FEATURES["experts_swiglu"])(experts_swiglu)

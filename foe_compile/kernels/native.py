@@ -2,8 +2,9 @@
 
 Importing foe_compile._C registers foe::sum_route_dispatch_native and foe::experts_swiglu_native
 (the public ops' schemas, see ops.py). This module adds their fake impls and registers them with
-`dispatch` as backend "native". When the extension is not built the package still imports:
-`UNAVAILABLE_REASON` says why and how to build it, and "auto" falls back to other backends.
+`dispatch` as backend "native" (foe::experts_swiglu with every expert-unit variant). When the extension
+is not built the package still imports: `UNAVAILABLE_REASON` says why and how to build it, and "auto"
+falls back to other backends.
 """
 from __future__ import annotations
 
@@ -48,5 +49,5 @@ if _C is not None:
     _devices = ("cpu", "cuda") if has_cuda() else ("cpu",)
     dispatch.register("sum_route_dispatch", "native", _devices)(
         lambda *args: torch.ops.foe.sum_route_dispatch_native(*args))
-    dispatch.register("experts_swiglu", "native", _devices)(  # the plain SiLU SwiGLU: the schema's first 8
-        lambda *args: torch.ops.foe.experts_swiglu_native(*args[:8]))
+    dispatch.register("experts_swiglu", "native", _devices, features=dispatch.FEATURES["experts_swiglu"])(
+        lambda *args: torch.ops.foe.experts_swiglu_native(*args))

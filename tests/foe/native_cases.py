@@ -26,8 +26,17 @@ TOL = {
 # GEMM order only; bf16/fp16 two ulps at |logit| < 4 (route_inputs scales the router so logits ~ N(0, 1)).
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-5, torch.float16: 2.0**-8}
 MAX_SWAPPED = 0.01
+# experts_swiglu's expert-unit variants: the outputs grow (up_offset, biases) and the clamp / alpha steps add
+# roundings to the dtype, where inputs an ulp apart (GEMM order) can round either way.
+UNIT_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
 # (E, top_k, num_groups): E not a power of two, k/H in {1, 2}, H in {1, 2, 4}.
 ROUTINGS = [(12, 2, 1), (12, 2, 2), (12, 4, 2), (60, 4, 4), (60, 8, 4), (60, 1, 1)]
+# (alpha, limit, up_offset) of the expert unit (reference.expert_unit): none, gpt-oss's, and a limit that clamps
+# about 40% of the gates and ups (experts_inputs: gate ~ N(0, 1), up ~ N(0, 1/16)). alpha is silu's only.
+CLAMPS = {"none": (1.0, None, 0.0), "gpt_oss": (1.702, 7.0, 1.0), "tight": (1.0, 0.2, 0.5)}
+# (activation, clamp) pairs the schema allows: limit / up_offset apply to gated units only.
+UNITS = ([(a, c) for a in reference.GATED_ACTIVATIONS for c in CLAMPS]
+         + [(a, "none") for a in reference.UNGATED_ACTIVATIONS])
 
 
 def route_inputs(T: int, E: int, top_k: int, H: int, d: int = 48, dtype=torch.float32, device="cpu",
@@ -81,9 +90,28 @@ def experts_inputs(T: int, E: int, top_k: int, H: int, d: int = 48, inter: int =
     return to(route[1]), to(gate_up), to(down), ids, to(weights), pairs, offsets, H
 
 
-def check_experts(got, args) -> None:
+def experts_unit_inputs(T: int, E: int, top_k: int, H: int, activation: str = "silu", bias: bool = False,
+                        clamp: str = "none", d: int = 48, inter: int = 40, dtype=torch.float32, device="cpu",
+                        seed: int = 0) -> tuple:
+    """All 14 arguments of foe::experts_swiglu for an expert-unit variant: experts_inputs' tensors (an ungated unit
+    keeps gate_up's first I rows, [E, I, d]), biases when asked, CLAMPS[clamp] (alpha for silu only)."""
+    x, gate_up, down, ids, weights, pairs, offsets, H = experts_inputs(T, E, top_k, H, d, inter, dtype, device, seed)
+    if activation not in reference.GATED_ACTIVATIONS:
+        gate_up = gate_up[:, :inter].contiguous()
+    gate_up_bias = down_bias = None
+    if bias:
+        g = torch.Generator().manual_seed(seed + 2)
+        gate_up_bias = (0.5 * torch.randn(E, gate_up.shape[1], generator=g)).to(device=device, dtype=dtype)
+        down_bias = (0.1 * torch.randn(E, d, generator=g)).to(device=device, dtype=dtype)
+    alpha, limit, up_offset = CLAMPS[clamp]
+    alpha = alpha if activation == "silu" else 1.0
+    return (x, gate_up, down, ids, weights, pairs, offsets, H, activation, gate_up_bias, down_bias, alpha, limit,
+            up_offset)
+
+
+def check_experts(got, args, tol: dict = TOL) -> None:
     want = reference.experts_swiglu(*args)
-    rtol, atol = TOL[args[0].dtype]
+    rtol, atol = tol[args[0].dtype]
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 

@@ -4,7 +4,8 @@ import torch
 
 from foe_compile.kernels import cupy_runtime, reference
 
-from native_cases import ROUTINGS, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
+from native_cases import (ROUTINGS, UNIT_TOL, UNITS, check_experts, check_graph_replay, check_route, experts_inputs,
+                          experts_unit_inputs, route_inputs)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,6 +29,28 @@ def test_route(T, E, top_k, H, dtype):
 def test_experts(T, dtype):
     args = experts_inputs(T, 60, 4, 2, dtype=dtype, device="cuda")
     check_experts(cupy_runtime.experts_swiglu(*args), args)
+
+
+@pytest.mark.parametrize("activation,clamp", UNITS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_unit_variants(activation, clamp, bias, dtype):
+    args = experts_unit_inputs(111, 60, 4, 2, activation, bias, clamp, dtype=dtype, device="cuda")
+    check_experts(cupy_runtime.experts_swiglu(*args), args, UNIT_TOL)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("T,E,top_k,H", [(0, 12, 4, 2), (5, 1, 1, 1)], ids=["T0", "E1"])
+def test_experts_unit_variants_edge_shapes(activation, T, E, top_k, H):
+    clamp = "none" if activation == "relu2" else "gpt_oss"
+    args = experts_unit_inputs(T, E, top_k, H, activation, bias=True, clamp=clamp, device="cuda")
+    check_experts(cupy_runtime.experts_swiglu(*args), args, UNIT_TOL)
+
+
+def test_experts_refuse_bias_of_another_dtype():
+    args = experts_unit_inputs(7, 12, 4, 2, bias=True, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(TypeError, match="one dtype"):
+        cupy_runtime.experts_swiglu(*args[:9], args[9].float(), *args[10:])
 
 
 def test_cuda_graph_replay_equals_eager():

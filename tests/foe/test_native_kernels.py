@@ -8,7 +8,8 @@ import torch
 
 from foe_compile.kernels import dispatch, native, reference
 
-from native_cases import ROUTINGS, TOL, check_experts, check_graph_replay, check_route, experts_inputs, route_inputs
+from native_cases import (CLAMPS, ROUTINGS, TOL, UNIT_TOL, UNITS, check_experts, check_graph_replay, check_route,
+                          experts_inputs, experts_unit_inputs, route_inputs)
 
 pytestmark = pytest.mark.skipif(native.UNAVAILABLE_REASON is not None, reason=str(native.UNAVAILABLE_REASON))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not native.has_cuda(),
@@ -55,6 +56,92 @@ def test_route_identical_tokens_keep_token_order():
 def test_experts(T, dtype):
     args = experts_inputs(T, 60, 4, 2, dtype=dtype)
     check_experts(experts_native(*args), args)
+
+
+@pytest.mark.parametrize("activation,clamp", UNITS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("H", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_unit_variants(activation, clamp, bias, H, dtype):
+    args = experts_unit_inputs(7, 12, 4, H, activation, bias, clamp, dtype=dtype)
+    check_experts(experts_native(*args), args, UNIT_TOL)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("T,E,top_k,H", [(0, 12, 4, 2), (5, 1, 1, 1)], ids=["T0", "E1"])
+def test_experts_unit_variants_edge_shapes(activation, T, E, top_k, H):
+    clamp = "none" if activation == "relu2" else "gpt_oss"
+    args = experts_unit_inputs(T, E, top_k, H, activation, bias=True, clamp=clamp)
+    got = experts_native(*args)
+    assert got.shape == (H, T, 48)
+    check_experts(got, args, UNIT_TOL)
+
+
+def test_tight_limit_clamps_gate_and_up():
+    # The "tight" variant must exercise the clamp: both halves exceed the limit and the result depends on it.
+    args = experts_unit_inputs(7, 12, 4, 2, "silu", clamp="tight")
+    x, gate_up, limit, inter = args[0], args[1], args[12], args[2].shape[-1]
+    h = torch.einsum("td,erd->ter", x, gate_up)
+    assert (h[..., :inter] > limit).any() and (h[..., inter:].abs() > limit).any()
+    unclamped = args[:12] + (None,) + args[13:]
+    assert not torch.allclose(reference.experts_swiglu(*args), reference.experts_swiglu(*unclamped), atol=1e-3)
+
+
+def check_nan_token(activation: str, clamp: str, device: str = "cpu") -> None:
+    """torch's clamp and relu keep a NaN (fminf/fmaxf would turn it into the limit or 0): a NaN token's rows stay
+    NaN, the other rows are the reference's."""
+    x, *rest = experts_unit_inputs(7, 12, 4, 2, activation, bias=True, clamp=clamp, device=device)
+    x = x.clone()
+    x[2] = float("nan")
+    got = experts_native(x, *rest)
+    assert got[:, 2].isnan().all()
+    torch.testing.assert_close(got, reference.experts_swiglu(x, *rest), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation,clamp", [("silu", "tight"), ("relu2", "none")])
+def test_experts_unit_variants_propagate_nan(activation, clamp):
+    check_nan_token(activation, clamp)
+
+
+def test_experts_refuse_bad_unit_args():
+    args = experts_unit_inputs(3, 12, 2, 1, bias=True)[:8]
+    gate_up_bias, down_bias = experts_unit_inputs(3, 12, 2, 1, bias=True)[9:11]
+    with pytest.raises(ValueError, match="unknown expert activation 'swish'"):
+        experts_native(*args, activation="swish")
+    with pytest.raises(ValueError, match="applies to the silu unit only"):
+        experts_native(*args, activation="gelu", alpha=1.702)
+    with pytest.raises(ValueError, match="limit is NaN"):
+        experts_native(*args, limit=float("nan"))
+    with pytest.raises(RuntimeError, match=r"gate_up_bias must be \[E, 2I\] = \[12, 80\], got \[12, 40\]"):
+        experts_native(*args, gate_up_bias=gate_up_bias[:, :40])
+    with pytest.raises(RuntimeError, match=r"down_bias must be \[E, d\]"):
+        experts_native(*args, down_bias=down_bias.t())
+    with pytest.raises(RuntimeError, match="down_bias must have x's dtype"):
+        experts_native(*args, down_bias=down_bias.double())
+    relu2 = experts_unit_inputs(3, 12, 2, 1, "relu2")[:8]
+    with pytest.raises(ValueError, match="gated units only"):
+        experts_native(*relu2, activation="relu2", limit=7.0)
+    with pytest.raises(RuntimeError, match=r"down must be \[E, d, I\]"):  # relu2 reads gate_up [E, I, d]
+        experts_native(*args, activation="relu2")
+
+
+@pytest.mark.parametrize("activation,clamp", [("silu", "gpt_oss"), ("relu2", "none")])
+def test_opcheck_native_experts_unit_variants(activation, clamp):
+    torch.library.opcheck(torch.ops.foe.experts_swiglu_native.default,
+                          experts_unit_inputs(7, 12, 4, 2, activation, bias=True, clamp=clamp))
+
+
+def test_public_op_runs_unit_variants_on_native_on_cpu():
+    cpu = torch.device("cpu")
+    bias = torch.zeros(12, 80)
+    assert dispatch.choose("experts_swiglu", cpu, needs=dispatch.experts_features("gelu", bias, None)) == "native"
+    for activation, clamp in UNITS:
+        alpha, limit, up_offset = CLAMPS[clamp]
+        needs = dispatch.experts_features(activation, bias, bias, alpha, limit, up_offset)
+        assert dispatch.choose("experts_swiglu", cpu, needs=needs) == "native", (activation, clamp)
+    args = experts_unit_inputs(7, 12, 4, 2, "gelu_tanh", bias=True, clamp="gpt_oss")
+    with dispatch.use_backend("auto"):
+        assert torch.equal(torch.ops.foe.experts_swiglu(*args), experts_native(*args))
 
 
 # NaN contract (csrc/route_dispatch_cpu.cpp, kernels/route_dispatch.cuh): ids stay in their group's block, a
@@ -183,6 +270,33 @@ def test_route_cuda(T, E, top_k, H, dtype):
 def test_experts_cuda(T, dtype):
     args = experts_inputs(T, 60, 4, 2, dtype=dtype, device="cuda")
     check_experts(experts_native(*args), args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("activation,clamp", UNITS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_cuda_unit_variants(activation, clamp, bias, dtype):
+    args = experts_unit_inputs(111, 60, 4, 2, activation, bias, clamp, dtype=dtype, device="cuda")
+    check_experts(experts_native(*args), args, UNIT_TOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("T,E,top_k,H", [(0, 12, 4, 2), (5, 1, 1, 1)], ids=["T0", "E1"])
+def test_experts_cuda_unit_variants_edge_shapes(activation, T, E, top_k, H):
+    clamp = "none" if activation == "relu2" else "gpt_oss"
+    args = experts_unit_inputs(T, E, top_k, H, activation, bias=True, clamp=clamp, device="cuda")
+    check_experts(experts_native(*args), args, UNIT_TOL)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("activation,clamp", [("silu", "tight"), ("relu2", "none")])
+def test_experts_cuda_unit_variants_propagate_nan(activation, clamp):
+    check_nan_token(activation, clamp, device="cuda")
 
 
 @pytest.mark.gpu
