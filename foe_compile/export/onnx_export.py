@@ -12,8 +12,10 @@ no bf16 kernels for several standard ops, so bf16 files do not run there):
                         the per-expert counts
     experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
                         grouping (a Slice between two offsets), Gather of their tokens, two
-                        Gemms with SwiGLU, the routing-weight multiply and a ScatterND-add
-                        into its group's output (a token meets each expert at most once)
+                        Gemms (+ biases) around the unit (SiLU/GELU/GELU-tanh gated with the
+                        optional clamp and up offset, or ReLU²), the routing-weight multiply and
+                        a ScatterND-add into its group's output (a token meets each expert at
+                        most once)
 """
 from __future__ import annotations
 
@@ -64,7 +66,32 @@ def sum_route_dispatch(residual, partials, norm_weight, eps: float, router_weigh
     return r, xn, ids, op.CastLike(values, xn), pairs, offsets
 
 
-def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: int):
+def _unit(h, activation: str, alpha: float, limit, up_offset: float):
+    """reference.expert_unit in standard operators (opset 18 has no Gelu: GELU is spelled out)."""
+    def const(value: float):
+        return op.CastLike(op.Constant(value_float=value), h)
+
+    if activation == "relu2":
+        r = op.Relu(h)
+        return op.Mul(r, r)
+    gate, up = op.Split(h, axis=-1, num_outputs=2)
+    if limit is not None:
+        gate = op.Min(gate, const(limit))
+        up = op.Clip(up, const(-limit), const(limit))
+    if activation == "silu":
+        act = op.Mul(gate, op.Sigmoid(gate if alpha == 1.0 else op.Mul(gate, const(alpha))))
+    elif activation == "gelu":  # 0.5 g (1 + erf(g / sqrt 2))
+        act = op.Mul(op.Mul(const(0.5), gate), op.Add(const(1.0), op.Erf(op.Mul(gate, const(0.5 ** 0.5)))))
+    else:  # gelu_tanh: 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))
+        inner = op.Mul(const((2.0 / 3.141592653589793) ** 0.5),
+                       op.Add(gate, op.Mul(const(0.044715), op.Mul(gate, op.Mul(gate, gate)))))
+        act = op.Mul(op.Mul(const(0.5), gate), op.Add(const(1.0), op.Tanh(inner)))
+    return op.Mul(act, op.Add(up, const(up_offset)) if up_offset != 0.0 else up)
+
+
+def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: int, activation: str = "silu",
+                   gate_up_bias=None, down_bias=None, alpha: float = 1.0, limit: float | None = None,
+                   up_offset: float = 0.0):
     num_experts = gate_up.shape[0]
     per_group = num_experts // num_groups
     top_k = op.Shape(ids, start=1, end=2)
@@ -75,8 +102,11 @@ def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: i
         token, slot = op.Div(rows, top_k), op.Mod(rows, top_k)
         expert = op.Constant(value_int=e)
         hidden = op.Gemm(op.Gather(x, token, axis=0), op.Gather(gate_up, expert, axis=0), transB=1)
-        gate, up = op.Split(hidden, axis=-1, num_outputs=2)
-        y = op.Gemm(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), op.Gather(down, expert, axis=0), transB=1)
+        if gate_up_bias is not None:
+            hidden = op.Add(hidden, op.Gather(gate_up_bias, expert, axis=0))
+        y = op.Gemm(_unit(hidden, activation, alpha, limit, up_offset), op.Gather(down, expert, axis=0), transB=1)
+        if down_bias is not None:
+            y = op.Add(y, op.Gather(down_bias, expert, axis=0))
         w = op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)), axis=-1))
         g = e // per_group
         update = op.Cast(op.Mul(y, op.Unsqueeze(w, _ints(-1))), to=FLOAT)

@@ -71,6 +71,8 @@ def register(op: str, backend: str, device_types: tuple[str, ...] = ("cpu", "cud
 def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None, alpha: float = 1.0,
                      limit: float | None = None, up_offset: float = 0.0) -> frozenset[str]:
     """The features a foe::experts_swiglu call needs, from its unit arguments."""
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}; foe::experts_swiglu computes {reference.ACTIVATIONS}")
     needs = {activation}
     if gate_up_bias is not None or down_bias is not None:
         needs.add("bias")

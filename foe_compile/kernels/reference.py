@@ -90,8 +90,10 @@ def expert_unit(h: Tensor, activation: str = "silu", alpha: float = 1.0, limit: 
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     if activation == "silu":
         act = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(gate * alpha)
-    else:
+    elif activation in ("gelu", "gelu_tanh"):
         act = F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none")
+    else:
+        raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
     return act * (up + up_offset)
 
 

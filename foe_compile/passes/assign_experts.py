@@ -6,7 +6,8 @@ only the grouping, and with it quota routing, changes. Runs after lower_experts,
 foe::sum_route_dispatch (router rows) and foe::experts_swiglu (expert weights) read them;
 the source's own router (e.g. a router-logits output) is left as it was. Weights held by the
 module (get_attr) become permuted copies registered on the GraphModule; per-expert weights
-stacked in the graph are stacked in the new order (no copy).
+stacked in the graph are stacked in the new order (no copy); other weights computed in the graph
+(read through a transpose, columns reordered) are reordered there by an index_select.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from .infra import PassResult, aten, is_op
+from .infra import PassResult, aten, is_op, val
 from .matches import MOE_KEY
 
 
@@ -33,8 +34,9 @@ def assign_experts(gm: fx.GraphModule, perms: list[list[int]] | None) -> PassRes
             raise ValueError(f"MoE block {i} was not fused and lowered; an expert assignment needs both")
         experts = block.group_partials
         block.route.update_arg(4, _permuted(gm, block.route.args[4], perm, f"router_{i}"))
-        for arg, what in ((1, "gate_up"), (2, "down")):
-            experts.update_arg(arg, _permuted(gm, experts.args[arg], perm, f"{what}_{i}"))
+        for arg, what in ((1, "gate_up"), (2, "down"), (9, "gate_up_bias"), (10, "down_bias")):
+            if len(experts.args) > arg and experts.args[arg] is not None:
+                experts.update_arg(arg, _permuted(gm, experts.args[arg], perm, f"{what}_{i}"))
         moved += 1
     return PassResult("assign_experts", moved)
 
@@ -44,9 +46,15 @@ def _permuted(gm: fx.GraphModule, node: fx.Node, perm: list[int], name: str) -> 
     if is_op(node, aten.stack.default) and len(node.args[0]) == len(perm):
         node.update_arg(0, [node.args[0][p] for p in perm])
         return node
-    if node.op != "get_attr":
-        raise ValueError(f"cannot reorder the experts' weights computed by {node.format_node()}; "
-                         "use expert_assignment='contiguous'")
+    if node.op != "get_attr":  # computed in the graph (a transpose, a reordering of columns): reorder there
+        order = f"foe_assigned_{name}_order"
+        gm.register_buffer(order, torch.tensor(perm, device=val(node).device))
+        with gm.graph.inserting_after(node):
+            index = gm.graph.get_attr(order)
+        with gm.graph.inserting_after(index):
+            permuted = gm.graph.call_function(aten.index_select.default, (node, 0, index))
+        permuted.meta["val"] = val(node)
+        return permuted
     weight = operator.attrgetter(node.target)(gm)
     target = f"foe_assigned_{name}"
     gm.register_parameter(target, nn.Parameter(weight.detach()[torch.tensor(perm)], requires_grad=False))

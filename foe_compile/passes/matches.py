@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from .expert_unit import ExpertMLP, Unit
+
 MOE_KEY = "foe_moe_blocks"
 ATTENTION_KEY = "foe_attention"
 PARTIALS_KEY = "foe_partials"  # attention output node -> its per-group partials [H, ..., d]
@@ -14,7 +16,7 @@ UNTOUCHED_KEY = "foe_untouched_blocks"  # [(router node name, why the block was 
 
 @dataclass
 class MoEMatch:
-    """One MoE block: router -> top-k -> SwiGLU experts -> weighted combine."""
+    """One MoE block: router -> top-k -> experts -> weighted combine."""
 
     kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop"
     hidden: fx.Node  # experts' input [..., d]
@@ -26,9 +28,16 @@ class MoEMatch:
     top_k: int
     num_experts: int
     output: fx.Node  # the block's combined output [..., d]
-    gate_up: fx.Node | None = None  # [E, 2I, d] (grouped_mm kind)
-    down: fx.Node | None = None  # [E, d, I] (grouped_mm kind)
-    per_expert: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (gate, up, down) weights
+    unit: Unit = field(default_factory=Unit)  # what each expert computes between its projections
+    # grouped_mm kind: the stacked weights [E, 2I, d] / [E, d, I] (transposed: stored [E, d, 2I] /
+    # [E, I, d], as gpt-oss does) and stacked biases [E, 2I] / [E, d], in the source's column layout
+    gate_up: fx.Node | None = None
+    down: fx.Node | None = None
+    gate_up_transposed: bool = False
+    down_transposed: bool = False
+    gate_up_bias: fx.Node | None = None
+    down_bias: fx.Node | None = None
+    per_expert: list[ExpertMLP] = field(default_factory=list)  # the loop kinds: one per expert
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
     route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
     group_partials: fx.Node | None = None  # foe::experts_swiglu's [H, T, d] output, once lowered

@@ -1,10 +1,23 @@
 """Router matching for find_moe_blocks: which top-k is a router's, and whether foe::sum_route_dispatch
-computes its routing exactly (else the routing stays in the graph as written, with the reason)."""
+computes its routing exactly (else the routing stays in the graph as written, with the reason).
+
+Anchors: aten.topk, and the expert ids of a router that picks its k experts one argmax at a time
+(max(dim=-1, keepdim=True)[1] / argmax(-1, keepdim=True) per slot, concatenated over the last
+dim; PhiMoE's sparsemixer masks each pick's neighbourhood and picks again). The latter's routing
+always stays in the graph as written; only its experts are lowered."""
 from __future__ import annotations
 
+import operator
+
+import torch
 from torch import fx
 
 from .infra import ancestors, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
+
+# torch.export records a `with torch.no_grad():` region as this higher-order op over a submodule.
+_GRAD_REGION = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+_CAT = (aten.cat.default, aten.concat.default)
+
 
 def is_last_dim(node: fx.Node, dim) -> bool:
     return dim in (-1, val(node).dim() - 1)
@@ -15,7 +28,17 @@ def match_router(topk: fx.Node):
     exactly; a reason (str) for a router it cannot; None when `topk` is not a router's.
 
     Two orders are exact: topk(softmax(linear(x))) [v / v.sum(-1)], and softmax(topk(linear(x)))
-    (Mixtral's spelling: a softmax over the k picked logits is the renormalised softmax)."""
+    (Mixtral's spelling: a softmax over the k picked logits is the renormalised softmax).
+
+    `topk` may also be the expert ids of a router picking by successive argmax (is_pick_router):
+    then (ids, None, ids, None, False, reason): the routing stays in the graph."""
+    if not is_op(topk, aten.topk.default):
+        picks = _pick_scores(topk)
+        if picks is None:
+            return None
+        return (topk, None, topk, None, False,
+                f"experts picked by {len(picks)} successive argmax over the router scores, not aten.topk (e.g. "
+                "PhiMoE's sparsemixer; foe::sum_route_dispatch computes softmax -> top-k)")
     if not isinstance(topk.args[1], int):
         return None  # a data-dependent k (a sparse-attention indexer's min(k, T)) is not a router's
     source = skip_pass_through(topk.args[0])
@@ -73,3 +96,73 @@ def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool]:
     while (nxt := only_user(node)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default):
         node = nxt
     return node, renormalize
+
+
+def routing_size(anchor: fx.Node) -> tuple[int, int]:
+    """(k, number of experts) of a router anchor: an aten.topk, or the ids of a pick router."""
+    if is_op(anchor, aten.topk.default):
+        return int(anchor.args[1]), int(val(anchor.args[0]).shape[-1])
+    picks = _pick_scores(anchor)
+    return len(picks), int(val(picks[0]).shape[-1])
+
+
+def is_pick_router(node: fx.Node) -> bool:
+    """Whether `node` holds the expert ids [..., k] of a router that picks one expert per slot by
+    an argmax over scores computed from a linear (see _pick_scores)."""
+    return _pick_scores(node) is not None
+
+
+def _pick_scores(node: fx.Node) -> list[fx.Node] | None:
+    """The scores [..., E] of each slot when `node` is k argmax picks [..., 1] concatenated over the
+    last dim (or one pick not concatenated with others), all over E >= 2 experts and downstream of
+    a linear; else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or "val" not in node.meta:
+        return None
+    if is_op(node, *_CAT):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        scores = [_argmax_pick(t) for t in node.args[0]] if is_last_dim(node, dim) else [None]
+    else:
+        scores = [_argmax_pick(node)]
+        if any(_pick_scores(u) is not None for u in node.users if is_op(u, *_CAT)):
+            return None  # one slot of a concatenated pick router: the concatenation is the anchor
+    if not scores or any(s is None for s in scores):
+        return None
+    ids = val(node)
+    sizes = {val(s).shape[-1] for s in scores if "val" in s.meta}
+    if (ids.is_floating_point() or ids.dim() < 2 or ids.shape[-1] != len(scores) or len(sizes) != 1
+            or not isinstance(next(iter(sizes)), int) or next(iter(sizes)) < 2):
+        return None
+    if not any(is_op(a, aten.linear.default) for a in ancestors(node)):
+        return None
+    return scores
+
+
+def _argmax_pick(node) -> fx.Node | None:
+    """The scores [..., E] when `node` is their argmax over the last dim kept as [..., 1]
+    (max(dim=-1, keepdim=True)[1] or argmax(dim=-1, keepdim=True)), also when computed inside a
+    torch.no_grad() region (the scores are then a node of that region's graph); else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is operator.getitem and _GRAD_REGION is not None and is_op(node.args[0], _GRAD_REGION):
+        region = node.args[0]
+        try:
+            body = node.graph.owning_module.get_submodule(region.args[1].target)
+        except (AttributeError, TypeError):
+            return None
+        outputs = body.graph.output_node().args[0]
+        index = node.args[1]
+        if not isinstance(outputs, (list, tuple)) or not isinstance(index, int) or index >= len(outputs):
+            return None
+        return _argmax_pick(outputs[index])
+    if node.target is operator.getitem and node.args[1] == 1 and is_op(node.args[0], aten.max.dim):
+        op = node.args[0]
+    elif is_op(node, aten.argmax.default):
+        op = node
+    else:
+        return None
+    scores = op.args[0]
+    dim = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+    keepdim = op.args[2] if len(op.args) > 2 else op.kwargs.get("keepdim", False)
+    if dim is None or not keepdim or not isinstance(scores, fx.Node) or "val" not in scores.meta:
+        return None
+    return scores if is_last_dim(scores, dim) else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .find_moe_blocks import match_swiglu
+from .expert_unit import match_swiglu
 from .infra import PassResult, aten, is_op, val
 from .matches import DENSE_KEY, DenseSplit
 from .partition_groups import GROUPS_KEY

@@ -1,9 +1,13 @@
 """MoE blocks written by hand in the ways people write them, for the FX path's matchers.
 
 Each class is plain PyTorch, independent of foe_compile: the eager module is the reference the
-converted graph is compared with. SUPPORTED compute sum_k w_k * SwiGLU_{e_k}(x) and must be
-rewritten; REFUSED compute something else (another activation, biases, weights applied to the
-input, a scaled combine, another router) and must be left as written, with a reason.
+converted graph is compared with. SUPPORTED compute sum_k w_k * expert_{e_k}(x) with SwiGLU
+experts written in several ways, and SUPPORTED_UNITS with the other units foe::experts_swiglu
+computes (GELU, a hand-spelled SiLU, ReLU², gpt-oss's clamped GLU with biases and interleaved
+columns); all must be rewritten. GRAPH_ROUTED route in ways the fused routing op does not (the
+routing stays as written). REFUSED compute something else (weights applied to the input, a unit
+reading a learned scale, an activation the op lacks, experts with different units) and must be
+left as written, with a reason.
 All take (d, inner, num_experts, top_k) like user_models.DenseLoopMoE.
 """
 from __future__ import annotations
@@ -108,7 +112,7 @@ SUPPORTED = [DenseLoopMoE, IndexAddLoopMoE, WhereIndexAdd, NonzeroIndexAdd, Wher
              TopkThenSoftmax, UnnormalisedWhere]
 
 
-# ---- blocks that compute something foe:: ops do not: left as written, with a reason -------------
+# ---- other expert units foe::experts_swiglu computes --------------------------------------------
 
 class GeluGLU(SwiGLU):
     def forward(self, x):
@@ -122,10 +126,104 @@ class GeluGated(WhereIndexAdd):
 
 
 class BiasedExperts(WhereIndexAdd):
+    """Biases on all three projections of a SwiGLU."""
+
     def __init__(self, d, inner, num_experts, top_k):
         super().__init__(d, inner, num_experts, top_k)
         for expert in self.experts:
-            expert.w2 = nn.Linear(inner, d, bias=True)
+            expert.w1, expert.w3, expert.w2 = (nn.Linear(a, b, bias=True) for a, b in ((d, inner), (d, inner), (inner, d)))
+
+
+class HandSpelledSiLU(SwiGLU):
+    """silu written out, up first: u * (g * sigmoid(g))."""
+
+    def forward(self, x):
+        g = self.w1(x)
+        return self.w2(self.w3(x) * (g * torch.sigmoid(g)))
+
+
+class HandSpelledSiLUExperts(DenseLoopMoE):
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(HandSpelledSiLU(d, inner) for _ in range(num_experts))
+
+
+class Relu2(nn.Module):
+    """Ungated: down(relu(up(x))^2) (Nemotron-H's experts)."""
+
+    def __init__(self, d, inner):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, inner, bias=False), nn.Linear(inner, d, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) ** 2)
+
+
+class Relu2Experts(WhereIndexAdd):
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(Relu2(d, inner) for _ in range(num_experts))
+
+
+class ClampedGLU(nn.Module):
+    """gpt-oss's expert in nn.Linear form: one biased gate_up projection with gate and up columns
+    interleaved, gate clamped above, up clamped both ways, g * sigmoid(1.702 g) * (u + 1)."""
+
+    def __init__(self, d, inner, limit=0.5):
+        super().__init__()
+        self.gate_up, self.down, self.limit = nn.Linear(d, 2 * inner), nn.Linear(inner, d), limit
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        gate, up = h[..., ::2].clamp(max=self.limit), h[..., 1::2].clamp(-self.limit, self.limit)
+        return self.down((up + 1) * (gate * torch.sigmoid(gate * 1.702)))
+
+
+class ClampedGLUExperts(WhereScatterAdd):
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(ClampedGLU(d, inner) for _ in range(num_experts))
+
+
+SUPPORTED_UNITS = [GeluGated, BiasedExperts, HandSpelledSiLUExperts, Relu2Experts, ClampedGLUExperts]
+
+
+# ---- blocks that compute something foe:: ops do not: left as written, with a reason -------------
+
+class ScaledGLU(SwiGLU):
+    """A learned per-channel scale inside the unit."""
+
+    def __init__(self, d, inner):
+        super().__init__(d, inner)
+        self.scale = nn.Parameter(torch.rand(inner) + 0.5)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x) * self.scale)
+
+
+class ScaledUnit(WhereIndexAdd):
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(ScaledGLU(d, inner) for _ in range(num_experts))
+
+
+class TanhGLU(SwiGLU):
+    def forward(self, x):
+        return self.w2(torch.tanh(self.w1(x)) * self.w3(x))
+
+
+class TanhGated(WhereIndexAdd):
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(TanhGLU(d, inner) for _ in range(num_experts))
+
+
+class MixedUnits(WhereIndexAdd):
+    """Expert 0 is GELU-gated, the others SiLU-gated: one op call cannot compute both."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts[0] = GeluGLU(d, inner)
 
 
 class WeightsOnInput(_Base):
@@ -178,7 +276,8 @@ GRAPH_ROUTED = [
 
 # Expert computations foe::experts_swiglu does not express: left as written, with the reason.
 REFUSED = [
-    (GeluGated, "uses gelu"),
-    (BiasedExperts, "not a bias-free"),
     (WeightsOnInput, "without being multiplied by their routing weights"),
+    (ScaledUnit, "besides the projection"),
+    (TanhGated, "matches none of foe::experts_swiglu's units"),
+    (MixedUnits, "different units"),
 ]

@@ -71,6 +71,23 @@ def test_onnx_of_a_graph_routed_block(tmp_path):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("unit", ["GeluGated", "BiasedExperts", "Relu2Experts", "ClampedGLUExperts"])
+def test_onnx_of_every_expert_unit(tmp_path, unit):
+    """The ONNX lowering of foe::experts_swiglu spells out each unit (GELU erf, biases, ReLU², the
+    clamped GLU with alpha, limit and up offset, gate/up reordered from interleaved columns)."""
+    import handwritten_moes
+
+    torch.manual_seed(0)
+    model = UserMoETransformer(getattr(handwritten_moes, unit), experts=4, top_k=2).eval()
+    graph, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
+    assert report.exact and not report.untouched_blocks
+    path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / f"{unit}.onnx")
+    for batch, length in SHAPES:
+        ids = tokens(batch, length, seed=length, vocab=96)
+        assert max_rel(run_onnx(path, ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
 def test_aoti_package_of_a_converted_model(tmp_path):
     model, _ = convert(builtin_model("olmoe-tiny"), mode="foe")
     runner = load_aoti(to_aoti(model, tokens(2, 9), tmp_path / "olmoe.pt2"))

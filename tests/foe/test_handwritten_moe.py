@@ -1,13 +1,14 @@
 """The FX path on MoE blocks written by hand (handwritten_moes.py): every form that computes
-sum_k w_k * SwiGLU_{e_k}(x) is rewritten and equals the eager module at several shapes; every
-form that computes something else is left as written with its reason; a rewrite that changes
-the outputs is undone by translation validation."""
+sum_k w_k * expert_{e_k}(x) with a unit foe::experts_swiglu has is rewritten and equals the eager
+module at several shapes; every form that computes something else is left as written with its
+reason; a rewrite that changes the outputs is undone by translation validation."""
+import dataclasses
 import importlib
 
 import pytest
 import torch
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import GRAPH_ROUTED, REFUSED, SUPPORTED
+from handwritten_moes import GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS
 from user_models import UserMoETransformer
 
 from foe_compile import convert
@@ -35,6 +36,31 @@ def test_supported_forms_are_rewritten_and_exact(moe_cls):
     for batch, length in [(2, 7), (1, 5), (3, 4), (1, 1)]:
         ids = tokens(batch, length, seed=batch * 10 + length)
         assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls", SUPPORTED_UNITS, ids=lambda c: c.__name__)
+def test_other_expert_units_are_rewritten_and_exact(moe_cls):
+    model = model_with(moe_cls)
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    assert report.exact and not report.untouched_blocks, report.to_table()
+    assert sum("experts_swiglu" in str(n.target) for n in converted.graph.nodes) == 2
+    for batch, length in [(2, 7), (1, 5), (1, 1)]:
+        ids = tokens(batch, length, seed=batch * 10 + length)
+        assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_the_clamp_in_a_clamped_unit_is_kept():
+    """ClampedGLU's limit (0.5) is reached at these scales: a rewrite that dropped the clamp, the
+    +1 or the interleaving would differ by far more than the tolerance."""
+    from handwritten_moes import ClampedGLUExperts
+    model = model_with(ClampedGLUExperts)
+    converted, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    op = next(n for n in converted.graph.nodes if "experts_swiglu" in str(n.target))
+    assert op.args[8] == "silu" and op.args[11:] == (1.702, 0.5, 1.0)
+    ids = tokens(3, 6, seed=3)
+    assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
 
 
 @torch.no_grad()
@@ -78,17 +104,16 @@ def test_other_computations_are_left_as_written_with_a_reason(moe_cls, reason):
 def test_a_wrong_rewrite_is_undone_by_translation_validation(monkeypatch):
     """Make the matcher swap gate and up for the first block's experts (a plausible bug): the
     rewrite no longer equals the source, so validation leaves that block as written and says so."""
-    find_moe_blocks = importlib.import_module("foe_compile.passes.find_moe_blocks")
-    real = find_moe_blocks.match_swiglu
+    expert_forms = importlib.import_module("foe_compile.passes.expert_forms")
+    real = expert_forms.match_expert_mlp
 
     def swapped_in_block_0(down):
         found = real(down)
-        if found is not None and "blocks_0" in found[1].name:
-            x, gate, up, d = found
-            return x, up, gate, d
+        if isinstance(found, expert_forms.ExpertMLP) and "blocks_0" in found.gate_up[0].name:
+            return dataclasses.replace(found, gate_up=found.gate_up[::-1])
         return found
 
-    monkeypatch.setattr(find_moe_blocks, "match_swiglu", swapped_in_block_0)
+    monkeypatch.setattr(expert_forms, "match_expert_mlp", swapped_in_block_0)
     model = model_with(SUPPORTED[2])
     ids = tokens(2, 7)
     converted, report = convert(model, mode="exact", calibration_inputs=ids)

@@ -1,0 +1,346 @@
+"""The three expert implementations find_moe_blocks recognises after a router.
+
+  grouped_mm   transformers v5: sort ids -> gather -> grouped GEMM (gate_up, + bias[ids]) -> unit ->
+               grouped GEMM (down, + bias[ids]) -> weight -> unsort -> sum over k
+  select_loop  per expert: pick its (token, slot) pairs (one_hot + where, where(ids == e),
+               nonzero) -> expert on x[token] -> * weights[token, slot] -> index_add_ /
+               scatter_add_ / index_put_(accumulate=True)
+  dense_loop   per expert (weights * (ids == e)).sum(-1) * expert_e(x), summed
+The expert's unit is recognised by expert_unit.recognise_unit; the expert outputs must be
+multiplied exactly once, by the routing weights the router produced.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .expert_unit import ExpertMLP, Unit, match_expert_mlp, recognise_unit
+from .infra import PASS_THROUGH, ancestors, aten, descendants, getitem_users, is_op, only_user, skip_pass_through, users, val
+from .matches import MoEMatch
+from .moe_router import is_last_dim
+
+GROUPED_MM: tuple = (torch.ops.aten._grouped_mm.default,) if hasattr(torch.ops.aten, "_grouped_mm") else ()
+
+
+def refresh_grouped_mm_ops() -> None:
+    # transformers registers its fallback op lazily; pick it up if it appeared since import.
+    global GROUPED_MM
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None and fallback.default not in GROUPED_MM:
+        GROUPED_MM = GROUPED_MM + (fallback.default,)
+
+
+def _internal(roots, output: fx.Node) -> set[fx.Node]:
+    """Nodes between the routing outputs and the block output, plus the dead branches hanging off
+    them (in-place ops, runtime size asserts) that DCE keeps but lowering must remove."""
+    below = descendants(roots)
+    core = below & (ancestors(output) | {output})
+    hanging: set[fx.Node] = set()
+    grew = True
+    while grew:
+        grew = False
+        for n in below - core - hanging:
+            inputs = [i for i in n.all_input_nodes if i in below]
+            if output not in n.all_input_nodes and all(i in core or i in hanging for i in inputs):
+                hanging.add(n)
+                grew = True
+    return core | hanging
+
+
+def _grouped_mm(c: dict) -> MoEMatch | str | None:
+    # ids -> reshape -> sort -> (sorted ids -> histc -> cumsum = offsets, order -> gather rows)
+    flat = [u for u in c["ids"].users if is_op(u, aten.reshape.default, aten.view.default)]
+    sorts = [s for f in flat for s in users(f, aten.sort.default, aten.sort.stable)]
+    if len(sorts) != 1:
+        return None
+    outs = getitem_users(sorts[0])
+    offsets = [n for n in _nearest(outs.get(0), lambda n: is_op(n, aten.cumsum.default), limit=4)]
+    mms = _in_graph_order(u for o in offsets for u in users(o, *GROUPED_MM))
+    gathers = [g for d in users(outs.get(1), aten.floor_divide.default) for g in users(d, aten.index.Tensor)]
+    if len(mms) != 2 or len(gathers) != 1:
+        return None
+    sums = _nearest(mms[1], lambda n: is_op(n, aten.sum.dim_IntList) and list(n.args[1]) == [1], limit=8)
+    if len(sums) != 1:
+        return None
+    output = sums[0]
+    while (nxt := only_user(output)) is not None and is_op(nxt, aten.to.dtype, aten.reshape.default, aten.view.default):
+        output = nxt
+    h, gate_up_bias = _after_grouped_gemm(mms[0], outs.get(0), c["num_experts"])
+    y, down_bias = _after_grouped_gemm(mms[1], outs.get(0), c["num_experts"])
+    (gate_up, gate_up_t), (down, down_t) = _grouped_weight(mms[0]), _grouped_weight(mms[1])
+    unit = recognise_unit([h], mms[1].args[0], val(h).shape[-1])
+    if isinstance(unit, str):
+        return unit
+    weights = _weighting(y, output, c["weights"], c["ids"])
+    if isinstance(weights, str):
+        return weights
+    c = {**c, "weights": weights}
+    return MoEMatch("grouped_mm", hidden=gathers[0].args[0], output=output, gate_up=gate_up, down=down,
+                    gate_up_transposed=gate_up_t, down_transposed=down_t, gate_up_bias=gate_up_bias,
+                    down_bias=down_bias, unit=unit, internal=_internal([c["ids"], c["weights"]], output), **c)
+
+
+def _grouped_weight(mm: fx.Node) -> tuple[fx.Node, bool]:
+    """(stacked weight, transposed): [E, out, in] read through a transpose (transformers' default), or
+    [E, in, out] read directly (`is_transposed` experts such as gpt-oss's)."""
+    arg = mm.args[1]
+    if is_op(arg, aten.transpose.int) and sorted(d % 3 for d in arg.args[1:]) == [1, 2]:
+        return skip_pass_through(arg.args[0]), False
+    return skip_pass_through(arg), True
+
+
+def _after_grouped_gemm(mm: fx.Node, sorted_ids: fx.Node | None, num_experts: int) -> tuple[fx.Node, fx.Node | None]:
+    """(values, bias): the GEMM's rows after an optional per-expert bias bias[sorted ids] (transformers
+    adds it in place) and the fills that zero rows of sentinel ids >= E (never taken by a router's
+    picks); bias is the [E, out] stacked bias or None."""
+    node, bias = mm, None
+    adds = users(node, aten.add.Tensor, aten.add_.Tensor)
+    if len(adds) == 1 and adds[0].args[0] is node:
+        gathered = adds[0].args[1]
+        if is_op(gathered, aten.index.Tensor) and _derives_from(gathered.args[1][0], sorted_ids):
+            node, bias = adds[0], skip_pass_through(gathered.args[0])
+    while (nxt := only_user(node)) is not None and is_op(nxt, aten.masked_fill.Scalar, aten.masked_fill_.Scalar) \
+            and _is_sentinel_mask(nxt.args[1], sorted_ids, num_experts):
+        node = nxt
+    return node, bias
+
+
+def _derives_from(node: fx.Node, source: fx.Node | None) -> bool:
+    """`node` is `source` behind views, casts and clamps (transformers clamps sentinel ids in place)."""
+    while is_op(node, aten.clamp.default, aten.clamp_.default, *PASS_THROUGH):
+        node = node.args[0]
+    return source is not None and node is source
+
+
+def _is_sentinel_mask(mask: fx.Node, sorted_ids: fx.Node | None, num_experts: int) -> bool:
+    mask = skip_pass_through(mask)
+    while is_op(mask, aten.unsqueeze.default):
+        mask = skip_pass_through(mask.args[0])
+    return (is_op(mask, aten.ge.Scalar) and _derives_from(mask.args[0], sorted_ids)
+            and mask.args[1] == num_experts)
+
+
+# Ops allowed after the down GEMM: weighting, unsorting.
+_COMBINE_OPS = (aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.mul.Tensor, aten.index.Tensor,
+                aten.unsqueeze.default, aten.sum.dim_IntList) + PASS_THROUGH
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+    """The routing weights [..., k] when the down GEMM's rows (`down`, after its bias) are multiplied
+    once by them and summed back per token (with a fused router: exactly the weights it produced);
+    else what differs."""
+    path = (descendants([down]) & (ancestors(output) | {output})) - {output}
+    foreign = [n for n in path if n.op == "call_function" and not is_op(n, *_COMBINE_OPS)]
+    if foreign:
+        return f"expert outputs go through {_name(foreign[0])} ({foreign[0].name}) before the combine"
+    muls = [n for n in path if is_op(n, aten.mul.Tensor)]
+    if len(muls) != 1:
+        return f"expert outputs are multiplied {len(muls)} times before the combine (expected: once, by the weights)"
+    other = [a for a in muls[0].args if isinstance(a, fx.Node) and a not in path and a is not down]
+    return _same_weights(other[0] if len(other) == 1 else None, weights, ids)
+
+
+def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+    """`weights` when the expert outputs' factor is those weights (gathered or viewed); with graph
+    routing (weights None), the factor's source when it is a per-pick tensor shaped like ids."""
+    source = _weights_source(factor) if factor is not None else None
+    if weights is not None:
+        if source is not None and source is skip_pass_through(weights):
+            return weights
+    elif source is not None and val(source).shape == val(ids).shape:
+        return source
+    return ("expert outputs are scaled by something other than the routing weights (a routed scaling "
+            "factor or per-expert scale the fused op does not apply)")
+
+
+def _weights_source(node: fx.Node) -> fx.Node:
+    """The routing-weights node behind views, casts, unsqueezes and gathers (w[perm], w[token, slot])."""
+    while True:
+        node = skip_pass_through(node)
+        if is_op(node, aten.unsqueeze.default, aten.index.Tensor, aten.select.int, aten.expand.default):
+            node = node.args[0]
+        else:
+            return node
+
+
+def _nearest(start: fx.Node | None, predicate, limit: int) -> list[fx.Node]:
+    """Nodes satisfying `predicate` at the smallest depth (<= limit) below `start`."""
+    frontier = [start] if start is not None else []
+    for _ in range(limit):
+        frontier = list({u for n in frontier for u in n.users})
+        found = [n for n in frontier if predicate(n)]
+        if found:
+            return found
+    return []
+
+
+def _dense_loop(c: dict) -> MoEMatch | str | None:
+    E, ids, weights = c["num_experts"], c["ids"], c["weights"]
+    if weights is None:
+        return None
+    eqs = {int(u.args[1]): u for u in users(ids, aten.eq.Scalar)}
+    if sorted(eqs) != list(range(E)):
+        return None
+    terms, per_expert, hidden = [], [], None
+    for e in range(E):
+        mask_mul = next((u for u in users(eqs[e], aten.mul.Tensor) if weights in u.args), None)
+        gate = only_user(mask_mul) if mask_mul is not None else None
+        scale = only_user(gate) if is_op(gate, aten.sum.dim_IntList) else None
+        if not is_op(scale, aten.mul.Tensor) or not is_last_dim(mask_mul, gate.args[1][0]):
+            return None
+        y = scale.args[1] if scale.args[0] is gate else scale.args[0]
+        mlp = match_expert_mlp(y)
+        if not isinstance(mlp, ExpertMLP):
+            return mlp
+        if hidden is not None and mlp.x is not hidden:
+            return None
+        hidden = mlp.x
+        per_expert.append(mlp)
+        terms.append(scale)
+    output = _sum_chain(terms)
+    if output is None:
+        return None
+    # The experts read only `hidden`: their nodes are the output's ancestors that are not the
+    # input's or the router's.
+    outside = ancestors(hidden) | ancestors(ids) | ancestors(weights) | {hidden, ids, weights}
+    unit = _one_unit(per_expert)
+    if isinstance(unit, str):
+        return unit
+    return MoEMatch("dense_loop", hidden=hidden, output=output, per_expert=per_expert, unit=unit,
+                    internal=_internal([ids, weights], output) | (ancestors(output) - outside), **c)
+
+
+def _sum_chain(terms: list[fx.Node]) -> fx.Node | None:
+    """The last add of a chain acc = acc + term that consumes every term exactly once."""
+    pending, node = set(terms), None
+    acc = next((u for u in terms[0].users if is_op(u, aten.add.Tensor)), None)
+    while is_op(acc, aten.add.Tensor) and pending & set(acc.args):
+        pending -= set(acc.args)
+        node, acc = acc, only_user(acc)
+    return node if not pending else None
+
+
+# Ways a per-expert loop combines expert e's rows back into the output: (op, index arg, value arg).
+_COMBINES = {aten.index_add_.default: (2, 3), aten.index_add.default: (2, 3),
+             aten.scatter_add_.default: (2, 3), aten.scatter_add.default: (2, 3),
+             aten.index_put_.default: (1, 2), aten.index_put.default: (1, 2)}
+
+
+def _select_loop(c: dict) -> MoEMatch | str | None:
+    """A per-expert loop: for e, select the (token, slot) pairs routed to e (one_hot + where,
+    where(ids == e), nonzero(ids == e)), run expert e on x[token], multiply by weights[token, slot]
+    and combine into the output with index_add_, scatter_add_ or index_put_(accumulate=True)."""
+    E, ids, weights = c["num_experts"], c["ids"], c["weights"]
+    combines = _in_graph_order(n for n in descendants([ids]) if is_op(n, *_COMBINES)
+                               and _selected_expert(_combine_index(n), ids, E) is not None)
+    if len(combines) != E:
+        return None
+    per_expert, hidden, seen = [None] * E, None, set()
+    for node in combines:
+        _, value_pos = _COMBINES[node.target]
+        if node.target in (aten.index_put_.default, aten.index_put.default):
+            accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+            if not accumulate or len(node.args[1]) != 1:
+                return "per-expert combine by index_put_ without accumulate=True overwrites rows"
+        elif node.args[1] not in (0, -val(node).dim()):
+            return None
+        index = _combine_index(node)
+        scaled = skip_pass_through(node.args[value_pos])
+        if is_op(scaled, aten.expand.default):
+            scaled = skip_pass_through(scaled.args[0])
+        if not is_op(scaled, aten.mul.Tensor):
+            return "per-expert outputs are combined without being multiplied by their routing weights"
+        downs = [(s, o) for s, o in (scaled.args, scaled.args[::-1]) if is_op(s, aten.linear.default)]
+        if not downs:
+            return None
+        mlp, w = match_expert_mlp(downs[0][0]), downs[0][1]
+        if not isinstance(mlp, ExpertMLP):
+            return mlp
+        weights = _same_weights(w, weights, ids)
+        if isinstance(weights, str):
+            return "per-" + weights
+        x = mlp.x
+        if not is_op(x, aten.index.Tensor):
+            return None
+        e = _selected_expert(x.args[1][0], ids, E)
+        if e is None or not 0 <= e < E or e in seen or _token_source(index) is not _token_source(x.args[1][0]):
+            return None
+        seen.add(e)
+        if hidden is not None and x.args[0] is not hidden:
+            return None
+        hidden = x.args[0]
+        per_expert[e] = mlp
+    output = combines[-1]
+    while (nxt := only_user(output)) is not None and is_op(nxt, aten.reshape.default, aten.view.default):
+        output = nxt
+    unit = _one_unit(per_expert)
+    if isinstance(unit, str):
+        return unit
+    return MoEMatch("select_loop", hidden=hidden, output=output, per_expert=per_expert, unit=unit,
+                    internal=_internal([ids, weights], output) | set(combines), **{**c, "weights": weights})
+
+
+def _one_unit(per_expert: list[ExpertMLP]) -> Unit | str:
+    """The experts' common unit and bias structure (the op applies one unit to every expert)."""
+    first = per_expert[0]
+    for mlp in per_expert[1:]:
+        if mlp.unit != first.unit:
+            return f"experts compute different units ({first.unit.describe()} and {mlp.unit.describe()})"
+        if (mlp.gate_up_bias is None, mlp.down_bias is None, len(mlp.gate_up)) != (
+                first.gate_up_bias is None, first.down_bias is None, len(first.gate_up)):
+            return "experts differ in their projections or biases"
+    return first.unit
+
+
+def _combine_index(node: fx.Node):
+    """The token-index argument of a combine op (index_put_ takes a list of one)."""
+    index = node.args[_COMBINES[node.target][0]]
+    return _token_source(index[0] if isinstance(index, (list, tuple)) else index)
+
+
+def _token_source(node: fx.Node) -> fx.Node:
+    """The token-index tensor behind views and expands (scatter_add_ indexes with token[:, None].expand)."""
+    while True:
+        node = skip_pass_through(node)
+        if is_op(node, aten.expand.default, aten.unsqueeze.default):
+            node = node.args[0]
+        else:
+            return node
+
+
+_SELECTION_OPS = (aten.where.default, aten.nonzero.default, aten.nonzero_numpy.default, aten.select.int,
+                  aten.slice.Tensor, aten.squeeze.dim, aten.squeeze.default, aten.unbind.int) + PASS_THROUGH
+
+
+def _selected_expert(token: fx.Node, ids: fx.Node, num_experts: int) -> int | None:
+    """e when `token` holds the token indices of the picks of expert e: walking up only through
+    selection ops (where, nonzero, their columns) to eq(ids, e) or one_hot(ids).permute(...)[e]."""
+    stack, seen = [token], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if is_op(n, aten.eq.Scalar) and skip_pass_through(n.args[0]) is ids:
+            return int(n.args[1])
+        if is_op(n, aten.select.int) and is_op(skip_pass_through(n.args[0]), aten.permute.default):
+            one_hot = skip_pass_through(skip_pass_through(n.args[0]).args[0])
+            if is_op(one_hot, aten.one_hot.default) and one_hot.args[0] is ids:
+                return int(n.args[2])
+        if n.target is operator.getitem or is_op(n, *_SELECTION_OPS):
+            stack.append(n.args[0])
+    return None
+
+
+def _in_graph_order(nodes) -> list[fx.Node]:
+    nodes = set(nodes)
+    return [n for n in next(iter(nodes)).graph.nodes if n in nodes] if nodes else []
+
+
+FORMS = (_grouped_mm, _dense_loop, _select_loop)

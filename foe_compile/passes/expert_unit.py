@@ -1,0 +1,224 @@
+"""What an expert computes between its two projections, recognised by meaning rather than spelling.
+
+An expert is down(unit(proj(x))) where proj is one projection [gate; up] (grouped GEMM, one
+linear) or two (a gate linear and an up linear), and unit is elementwise. `recognise_unit` takes
+the nodes from the projection output(s) to the down projection's input and
+
+1. checks that they are elementwise or column selections of the projection outputs only (no
+   other tensor enters: a learned scale or a norm inside the unit is not a foe:: unit);
+2. proposes the units foe::experts_swiglu computes (reference.expert_unit: silu with alpha,
+   gelu, gelu_tanh gated; relu2 ungated) with the clamp limits, multipliers and offsets that
+   appear as constants in those nodes, in every gate/up column layout (halves gate-first or
+   up-first, interleaved gate/up as gpt-oss stores them);
+3. runs the nodes themselves on random float64 inputs spanning several magnitudes (beyond any
+   clamp) and keeps the first proposal that agrees to 1e-9.
+
+So `F.silu(g) * u`, `g * torch.sigmoid(g) * u`, `act(g).mul_(u)` or a clamp spelled with
+minimum/maximum are all the same unit. A candidate agreeing on random probes is not a proof;
+translation validation of the whole rewrite (generic._convert_at) is the check that decides.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..kernels.reference import GATED_ACTIVATIONS, expert_unit
+from .infra import PASS_THROUGH, ancestors, aten, descendants, is_op, val
+
+# Elementwise ops a unit may use (in-place spellings included) and column selections.
+_ELEMENTWISE = {getattr(aten, name).default for name in (
+    "silu", "silu_", "gelu", "gelu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "relu", "relu_", "square",
+    "neg", "exp", "clamp", "clamp_", "clamp_min", "clamp_max", "minimum", "maximum")} | {
+    aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add_.Tensor, aten.add.Scalar,
+    aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.div.Tensor, aten.pow.Tensor_Scalar}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default}
+_SELECT = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, operator.getitem}
+_CLAMPS = {aten.clamp.default, aten.clamp_.default, aten.clamp_min.default, aten.clamp_max.default}
+LAYOUTS = ("halves", "halves_up_first", "interleaved", "interleaved_up_first")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """foe::experts_swiglu's unit arguments, and how the source lays out the gate and up columns."""
+
+    activation: str = "silu"
+    alpha: float = 1.0
+    limit: float | None = None
+    up_offset: float = 0.0
+    layout: str = "halves"  # of the projection's output columns (rows of the [2I, d] weight)
+
+    def op_kwargs(self) -> dict:
+        return dict(activation=self.activation, alpha=self.alpha, limit=self.limit, up_offset=self.up_offset)
+
+    def describe(self) -> str:
+        extras = [f"{k}={v}" for k, v in (("alpha", self.alpha), ("limit", self.limit), ("up_offset", self.up_offset))
+                  if v not in (1.0, None, 0.0) or (k == "alpha" and v != 1.0)]
+        layout = [] if self.layout == "halves" or self.activation not in GATED_ACTIVATIONS else [self.layout]
+        return ", ".join([self.activation, *extras, *layout])
+
+
+@dataclass
+class ExpertMLP:
+    """One expert written with linears: down(unit(gate_up(x))), gate_up as one linear or two (gate, up)."""
+
+    x: fx.Node
+    gate_up: tuple[fx.Node, ...]  # the projection weights, concatenated in this order by lowering
+    gate_up_bias: tuple[fx.Node, ...] | None
+    down: fx.Node
+    down_bias: fx.Node | None
+    unit: Unit
+
+
+def match_expert_mlp(down: fx.Node) -> ExpertMLP | str | None:
+    """The expert ending in the linear `down`; a reason when its unit or projections are not the
+    op's; None when `down` is not a linear of a linear."""
+    if not is_op(down, aten.linear.default):
+        return None
+    projections = _projections(down.args[0])
+    if not projections or len(projections) > 2:
+        return None if not projections else f"expert reads {len(projections)} projections (expected gate_up or gate, up)"
+    if len({p.args[0] for p in projections}) != 1:
+        return "expert projections read different inputs"
+    biases = [p.args[2] if len(p.args) > 2 else None for p in projections]
+    if len({b is None for b in biases}) != 1:
+        return "only some of the expert's projections have a bias"
+    width = sum(val(p).shape[-1] for p in projections)
+    unit = recognise_unit(projections, down.args[0], width)
+    if isinstance(unit, str):
+        return unit
+    return ExpertMLP(projections[0].args[0], tuple(p.args[1] for p in projections),
+                     None if biases[0] is None else tuple(biases), down.args[1],
+                     down.args[2] if len(down.args) > 2 else None, unit)
+
+
+def _projections(unit_output: fx.Node) -> list[fx.Node]:
+    """The linears whose outputs the unit ending at `unit_output` reads, in graph order."""
+    found, stack, seen = set(), [unit_output], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_op(n, aten.linear.default):
+            found.add(n)
+        elif n.op == "call_function" and (n.target in _ELEMENTWISE | _CASTS | _SELECT or is_op(n, *PASS_THROUGH)):
+            stack.extend(n.all_input_nodes)
+    return [n for n in unit_output.graph.nodes if n in found]
+
+
+def _bias_free_linear(node) -> bool:
+    return is_op(node, aten.linear.default) and (len(node.args) < 3 or node.args[2] is None)
+
+
+def match_swiglu(down_linear: fx.Node):
+    """linear(silu(linear(x, Wg)) * linear(x, Wu), Wd) -> (x, Wg, Wu, Wd), all bias-free, else None
+    (the dense MLPs split_dense_mlps shards: spelled exactly so, since it rewrites that spelling)."""
+    if not _bias_free_linear(down_linear):
+        return None
+    h = down_linear.args[0]
+    if not is_op(h, aten.mul.Tensor):
+        return None
+    a, b = h.args
+    silu, up = (a, b) if is_op(a, aten.silu.default) else (b, a)
+    if not is_op(silu, aten.silu.default) or not _bias_free_linear(up):
+        return None
+    gate = silu.args[0]
+    if not _bias_free_linear(gate) or gate.args[0] is not up.args[0]:
+        return None
+    return gate.args[0], gate.args[1], up.args[1], down_linear.args[1]
+
+
+def unit_nodes(inputs: list[fx.Node], output: fx.Node) -> list[fx.Node]:
+    """The nodes from `inputs` (exclusive) to `output` (inclusive), in graph order."""
+    between = (descendants(inputs) & (ancestors(output) | {output})) - set(inputs)
+    return [n for n in output.graph.nodes if n in between]
+
+
+def recognise_unit(inputs: list[fx.Node], output: fx.Node, width: int) -> Unit | str:
+    """The Unit computing `output` from the concatenated columns of `inputs` (`width` in all); else why not."""
+    nodes = unit_nodes(inputs, output)
+    inside = set(nodes) | set(inputs)
+    for n in nodes:
+        if n.op != "call_function" or not (n.target in _ELEMENTWISE | _CASTS | _SELECT or is_op(n, *PASS_THROUGH)):
+            return f"expert unit computes {_name(n)} ({n.name}), which is not elementwise"
+        foreign = [a for a in n.all_input_nodes if a not in inside]
+        if foreign:
+            return f"expert unit reads {foreign[0].name} besides the projection ({_name(n)} {n.name})"
+    out_width = val(output).shape[-1]
+    gated = out_width * 2 == width
+    if not gated and out_width != width:
+        return f"expert unit maps {width} projection columns to {out_width} (expected {width} or {width // 2})"
+    probe = _probe(width)
+    try:
+        got = _run(nodes, inputs, output, probe)
+    except Exception as error:  # noqa: BLE001 - a unit we cannot evaluate is not recognised
+        return f"expert unit could not be evaluated on probe values ({type(error).__name__}: {error})"
+    for unit in _candidates(nodes, gated):
+        want = expert_unit(_gate_first(probe, unit.layout), **unit.op_kwargs())
+        if want.shape == got.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True):
+            return unit
+    ops = sorted({_name(n) for n in nodes if n.target in _ELEMENTWISE})
+    return (f"expert unit computes {', '.join(ops) or 'no activation'}, which matches none of foe::experts_swiglu's "
+            "units (silu with alpha / gelu / gelu_tanh gated, with an optional clamp limit and up offset; relu2 ungated)")
+
+
+def gate_first_rows(weight: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
+    """`weight`'s rows along `dim` reordered from `layout` into [gate; up] (the op's order)."""
+    return _gate_first(weight.movedim(dim, -1), layout).movedim(-1, dim)
+
+
+def _gate_first(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout.startswith("interleaved"):
+        gate, up = t[..., 0::2], t[..., 1::2]
+    else:
+        gate, up = t.chunk(2, dim=-1)
+    return torch.cat([up, gate] if layout.endswith("up_first") else [gate, up], dim=-1)
+
+
+def _probe(width: int) -> torch.Tensor:
+    """Random float64 rows whose magnitudes range from 0.01 to 100 (past any clamp limit)."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-2, 2, 24, dtype=torch.float64).unsqueeze(1)
+    return torch.randn(24, width, generator=g, dtype=torch.float64) * scales
+
+
+def _run(nodes: list[fx.Node], inputs: list[fx.Node], output: fx.Node, probe: torch.Tensor) -> torch.Tensor:
+    """Evaluate `nodes` on `probe` split by columns across `inputs`; casts stay float64."""
+    widths = [val(i).shape[-1] for i in inputs]
+    env: dict[fx.Node, object] = dict(zip(inputs, (p.clone() for p in probe.split(widths, dim=-1))))
+    for n in nodes:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        env[n] = args[0] if n.target in _CASTS else n.target(*args, **kwargs)
+    return env[output]
+
+
+def _candidates(nodes: list[fx.Node], gated: bool):
+    """Units to try, simplest first, with the constants the nodes use as limit, alpha and up offset."""
+    if not gated:
+        yield Unit("relu2")
+        return
+    limits, factors, offsets = {None}, {1.0}, {0.0}
+    for n in nodes:
+        numbers = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if n.target in _CLAMPS:
+            limits |= {abs(float(a)) for a in numbers}
+        elif n.target in (aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.div.Tensor):
+            factors |= {float(a) for a in numbers} | {1.0 / a for a in numbers if a and n.target is aten.div.Tensor}
+        elif n.target in (aten.add.Tensor, aten.add_.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
+            sign = -1.0 if n.target in (aten.sub.Tensor, aten.sub.Scalar) else 1.0
+            offsets |= {sign * float(a) for a in numbers}
+    limits = sorted(limits, key=lambda v: (v is not None, v or 0.0))
+    finite = lambda values: sorted(v for v in values if math.isfinite(v))  # noqa: E731
+    for limit, offset, layout in itertools.product(limits, finite(offsets), LAYOUTS):
+        for activation in GATED_ACTIVATIONS:
+            for alpha in finite(factors) if activation == "silu" else [1.0]:
+                yield Unit(activation, alpha, limit, offset, layout)
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
