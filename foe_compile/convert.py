@@ -17,6 +17,7 @@ from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import Family, family_of, is_supported_family
 from .generic import convert_generic
+from .kernels.reference import expert_activation
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 from .serialization import is_converted, mark_converted
 from .shape import ModelShape
@@ -81,22 +82,15 @@ def convert(
 
 
 def check_experts(model: nn.Module, family: Family) -> None:
-    """foe::experts_swiglu computes silu(gate) * up: refuse experts with another activation."""
+    """foe::experts_swiglu computes act(gate) * up for act in silu / gelu / gelu_tanh: refuse others."""
     for i, layer in enumerate(model.model.layers):
         act = getattr(getattr(layer.mlp, "experts", None), "act_fn", None)
-        if act is not None and not is_silu(act):
+        if act is not None and expert_activation(act) is None:
             raise ValueError(
                 f"{type(model).__name__} layer {i}: the experts' activation is {type(act).__name__} (config hidden_act="
-                f"{getattr(model.config, 'hidden_act', None)!r}), but foe::experts_swiglu computes SiLU-gated experts "
-                f"(silu(gate) * up); converting would change what the model computes, so {family.model_type} models "
-                "convert only with hidden_act='silu'")
-
-
-def is_silu(act: nn.Module) -> bool:
-    """torch's nn.SiLU or transformers' SiLUActivation (ACT2FN["silu"]), whose forward is F.silu."""
-    from transformers.activations import SiLUActivation
-
-    return isinstance(act, nn.SiLU) or type(act) is SiLUActivation
+                f"{getattr(model.config, 'hidden_act', None)!r}), but foe::experts_swiglu computes gated units with "
+                f"silu, gelu or gelu_tanh; converting would change what the model computes, so this {family.model_type} "
+                "model is not converted")
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

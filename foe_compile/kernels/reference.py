@@ -115,3 +115,19 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weight
         y = F.linear(a, down[e], None if down_bias is None else down_bias[e]) * weights[token, slot, None]
         out[e // (E // num_groups)].index_add_(0, token, y.to(out.dtype))
     return out
+
+
+def expert_activation(act) -> str | None:
+    """The gated activation ("silu", "gelu", "gelu_tanh") that the callable `act` computes, judged by its
+    values on float64 probes from -20 to 20 (so nn.SiLU, transformers' SiLUActivation, GELUActivation,
+    GELUTanh, NewGELU... all qualify, whatever their spelling); None when it is none of them."""
+    probe = torch.linspace(-20, 20, 4001, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            got = act(probe)
+    except Exception:  # noqa: BLE001 - an activation that cannot run on a float64 vector is not one of ours
+        return None
+    for name, fn in (("silu", F.silu), ("gelu", F.gelu), ("gelu_tanh", lambda v: F.gelu(v, approximate="tanh"))):
+        if isinstance(got, Tensor) and got.shape == probe.shape and torch.allclose(got, fn(probe), rtol=1e-9, atol=1e-12):
+            return name
+    return None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import ops, reference  # noqa: F401  (ops registers torch.ops.foe)
+from ..kernels.reference import expert_activation
 from .views import LinearSlice, view_parameter
 
 
@@ -117,6 +118,7 @@ class FoEMoE(nn.Module):
         self.gate_up_proj = view_parameter(experts.gate_up_proj if identity else experts.gate_up_proj[perm])
         self.down_proj = view_parameter(experts.down_proj if identity else experts.down_proj[perm])
         self.act_fn = experts.act_fn
+        self.activation = expert_activation(experts.act_fn)  # convert() refused the experts if None
         self.num_groups = num_groups
         self.shared = split_mlp(block.shared_expert, num_groups) if hasattr(block, "shared_expert") else None
         self.shared_gate = LinearSlice(block.shared_expert_gate.weight, None) if self.shared is not None else None
@@ -141,7 +143,7 @@ class FoEMoE(nn.Module):
         if self.record:
             self.last_routing = (self.router.scores(xn).detach(), ids.detach(), weights.detach())
         m = torch.ops.foe.experts_swiglu(xn, self.gate_up_proj, self.down_proj, ids, weights, pairs, offsets,
-                                         self.num_groups)
+                                         self.num_groups, self.activation)
         if self.shared is not None:  # the scalar gate is replicated, so it scales each share
             gate = torch.sigmoid(self.shared_gate(xn))
             m = m + torch.stack([gate * s(xn) for s in self.shared])

@@ -56,3 +56,31 @@ def test_single_group_foe_is_exact(source):
     ids = tokens(1, 7)
     assert report.exact
     assert max_rel(model(ids).logits, source(ids).logits) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_module_level_experts_keep_their_gelu_activation():
+    """OLMoE with GELU or GELU-tanh experts (the issue's example: SiLU was computed regardless) converts
+    exactly at module level, KV cache included; an activation foe::experts_swiglu lacks is refused."""
+    import pytest
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    for act in ("gelu", "gelu_pytorch_tanh", "relu"):
+        config = OlmoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, vocab_size=128,
+                             hidden_act=act, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        source = OlmoeForCausalLM(config).eval()
+        if act == "relu":
+            with pytest.raises(ValueError, match="activation is ReLU"):
+                convert(source, mode="exact")
+            continue
+        model, report = convert(source, mode="exact")
+        assert report.exact, act
+        ids = tokens(2, 6, vocab=128)
+        assert max_rel(model(ids).logits, source(ids).logits) <= EXACT_MAX_REL
+        out_src, out = source(ids, use_cache=True), model(ids, use_cache=True)
+        nxt = out_src.logits[:, -1:].argmax(-1)
+        step_src = source(nxt, past_key_values=out_src.past_key_values, use_cache=True)
+        step = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        assert max_rel(step.logits, step_src.logits) <= EXACT_MAX_REL

@@ -29,10 +29,10 @@ EXACT: dict[str, str | None] = {
     "ernie4_5_moe": None,
     "jamba": None,
     "granitemoe": None,
-    "gpt_oss": "between the grouped GEMMs",  # clamped SwiGLU with biases: not foe::experts_swiglu
+    "gpt_oss": None,  # clamped SwiGLU (alpha, limit, up + 1), interleaved gate/up, biases, router bias
     "llama4_text": "matches none of the supported forms",  # routing weight scales the expert input
-    "nemotron_h": "matches none of the supported forms",  # ungated ReLU^2 experts
-    "gemma4_text": "gelu",  # GELU-tanh experts and per-expert scales
+    "nemotron_h": None,  # ungated ReLU^2 experts
+    "gemma4_text": None,  # GELU-tanh experts, per-expert scales applied to the routing weights
     "dbrx": "torch.export cannot capture",  # loops over the experts that were hit
     "phimoe": "no MoE block found",  # sparsemixer routing: no linear -> top-k router
 }
