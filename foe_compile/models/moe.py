@@ -43,7 +43,8 @@ class Router(nn.Module):
 
 
 class GroupExperts(nn.Module):
-    """The SwiGLU experts of one group's block; evaluates only the picks that land in it.
+    """The gated experts of one group's block; evaluates only the picks that land in it, with one
+    foe::experts_swiglu call (the op convert() uses, so the distributed runtime runs the same kernels).
 
     forward: x [T, d], ids [T, n] (assignment order), weights [T, n] -> [T, d] = sum over the
     group's picks of w * down(act(gate(x)) * up(x)).
@@ -55,22 +56,23 @@ class GroupExperts(nn.Module):
         self.down_proj = view_parameter(down_proj)  # [E/H, d, I]
         self.first_id = first_id
         self.act_fn = act_fn
+        self.activation = expert_activation(act_fn)
+        if self.activation is None:
+            raise ValueError(f"experts with activation {type(act_fn).__name__}: foe::experts_swiglu computes silu, "
+                             "gelu or gelu_tanh gated units")
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        out = torch.zeros_like(x)
         local = ids - self.first_id
-        for e in range(self.num_experts):
-            token, slot = torch.where(local == e)
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[e])
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
+        token, slot = torch.where((local >= 0) & (local < self.num_experts))  # the picks in this block
+        picks = local[token, slot].unsqueeze(1)  # one pick per row of x[token]
+        pairs, offsets = reference.group_by_expert(picks, self.num_experts)
+        y = torch.ops.foe.experts_swiglu(x[token], self.gate_up_proj, self.down_proj, picks,
+                                         weights[token, slot, None].to(x.dtype), pairs, offsets, 1, self.activation)
+        return torch.zeros_like(x).index_add_(0, token, y[0])
 
 
 class SplitMLP(nn.Module):
