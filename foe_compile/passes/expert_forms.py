@@ -196,7 +196,9 @@ def _dense_loop(c: dict) -> MoEMatch | str | None:
             return None
         y = scale.args[1] if scale.args[0] is gate else scale.args[0]
         mlp = match_expert_mlp(y)
-        if not isinstance(mlp, ExpertMLP):
+        if mlp is None:
+            return f"expert output comes from {_name(y)} ({y.name}), not from a down projection (a linear)"
+        if isinstance(mlp, str):
             return mlp
         if hidden is not None and mlp.x is not hidden:
             return None

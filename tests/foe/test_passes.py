@@ -80,7 +80,7 @@ def test_unrecognised_experts_are_left_with_a_reason():
     gm = capture(GeluExperts(), X)
     assert find_moe_blocks(gm).rewrites == 0 and gm.meta[MOE_KEY] == []
     ((router, why),) = gm.meta[UNTOUCHED_KEY]
-    assert router == "router_weight" and "uses gelu" in why, why
+    assert router == "router_weight" and "comes from gelu" in why, why
 
 
 def test_find_gqa_attention():
@@ -165,7 +165,7 @@ def test_lower_experts_with_groups_sums_group_partials():
     lower_experts(gm, num_groups=3)
     cleanup(gm)
     (node,) = [n for n in gm.graph.nodes if "experts_swiglu" in str(n.target)]
-    assert node.args[-1] == 3
+    assert node.args[7] == 3  # num_groups
     torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
 
 
