@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iterator>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -53,6 +54,33 @@ void check_route_args(const at::Tensor& residual, const at::Tensor& partials, co
   TORCH_CHECK(residual.device() == partials.device() && norm_weight.device() == partials.device() &&
                   router_weight.device() == partials.device(),
               "all inputs of foe::sum_route_dispatch must be on one device (", partials.device(), ")");
+}
+
+Scoring check_route_variant(const at::Tensor& router_weight, c10::string_view scoring,
+                            const std::optional<at::Tensor>& router_bias,
+                            const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
+  static constexpr std::pair<c10::string_view, Scoring> kNames[] = {
+      {"softmax", Scoring::kSoftmax}, {"sigmoid", Scoring::kSigmoid}, {"sqrtsoftplus", Scoring::kSqrtSoftplus}};
+  const auto* found = std::find_if(std::begin(kNames), std::end(kNames),
+                                   [&](const auto& entry) { return entry.first == scoring; });
+  TORCH_CHECK_VALUE(found != std::end(kNames), "unknown router scoring '", scoring,
+                    "'; foe::sum_route_dispatch computes softmax, sigmoid and sqrtsoftplus");
+  TORCH_CHECK_VALUE(std::isfinite(routed_scaling), "routed_scaling must be finite, got ", routed_scaling);
+  const int64_t E = router_weight.size(0);
+  const auto dtype = router_weight.scalar_type();
+  for (const auto& [name, bias] : {std::pair<const char*, const std::optional<at::Tensor>*>{"router_bias", &router_bias},
+                                   {"correction_bias", &correction_bias}}) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == E, name, " must be [E] = [", E, "], got ", b.sizes());
+    const bool fp32_ok = std::string_view(name) == "correction_bias" && b.scalar_type() == at::kFloat;
+    TORCH_CHECK_VALUE(b.scalar_type() == dtype || fp32_ok, name, " must have dtype ", dtype,
+                      fp32_ok ? "" : (std::string_view(name) == "correction_bias" ? " or Float" : ""), ", got ",
+                      b.scalar_type(), ": cast it with .to(...)");
+    TORCH_CHECK_VALUE(b.device() == router_weight.device(), name, " must be on router_weight's device ",
+                      router_weight.device(), ", got ", b.device());
+  }
+  return found->second;
 }
 
 ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,

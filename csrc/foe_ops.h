@@ -20,6 +20,18 @@ using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 // Uninitialised (r [T,d], xn [T,d], ids [T,k], weights [T,k], pairs [T*k], offsets [E+1]) on partials' device.
 RouteOutputs empty_route_outputs(const at::Tensor& partials /*[H,T,d]*/, int64_t num_experts, int64_t top_k);
 
+// The router's scores (reference.router_scores); the values are the FOE_SCORE_* codes the CUDA kernels take
+// (kernels/route_dispatch.cuh; asserted in route_dispatch_cuda.cu).
+enum class Scoring : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
+
+// The router-variant arguments of foe::sum_route_dispatch (after renormalize), checked: raises ValueError (as
+// ops.check_route_variant) on an unknown scoring, a non-finite routed_scaling, a bias that is not [E], a
+// router_bias outside the router's dtype, a correction_bias outside {the router's dtype, float32}, or a bias on
+// another device. Returns the parsed scoring.
+Scoring check_route_variant(const at::Tensor& router_weight, c10::string_view scoring,
+                            const std::optional<at::Tensor>& router_bias,
+                            const std::optional<at::Tensor>& correction_bias, double routed_scaling);
+
 // The expert unit of foe::experts_swiglu between its two projections (reference.expert_unit). The values are
 // the FOE_ACT_* codes the CUDA kernels take (kernels/experts_swiglu.cuh; asserted in experts_swiglu_cuda.cu).
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu2 = 3 };
@@ -65,7 +77,10 @@ void group_by_expert_host(const int64_t* ids /*[n]*/, int64_t n, int64_t num_exp
 RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual /*[1 or H,T,d]*/, const at::Tensor& partials /*[H,T,d]*/,
                                     const at::Tensor& norm_weight /*[d]*/, double eps,
                                     const at::Tensor& router_weight /*[E,d]*/, int64_t num_groups, int64_t top_k,
-                                    bool renormalize);
+                                    bool renormalize, c10::string_view scoring = "softmax",
+                                    const std::optional<at::Tensor>& router_bias = std::nullopt /*[E]*/,
+                                    const std::optional<at::Tensor>& correction_bias = std::nullopt /*[E]*/,
+                                    double routed_scaling = 1.0);
 
 // The arguments after num_groups are the schema's unit arguments, with its defaults (the plain SiLU SwiGLU).
 at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& gate_up /*[E,2I,d] or [E,I,d]*/,
@@ -80,7 +95,9 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& g
 #ifdef FOE_WITH_CUDA
 RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
                                      const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
-                                     int64_t num_groups, int64_t top_k, bool renormalize);
+                                     int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
+                                     const std::optional<at::Tensor>& router_bias,
+                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling);
 at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                                const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,

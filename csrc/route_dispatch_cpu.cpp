@@ -2,7 +2,11 @@
 //   pass 1 (per token): r = mean_h(residual + partials), xn = RMSNorm(r) * norm_weight
 //   router: logits = xn @ router_weight^T through ATen's BLAS GEMM
 //   pass 2 (per chunk of tokens): fp32 softmax, quota top-(k/H) in torch.topk's CPU order (NaN first, ties
-//          as torch.topk leaves them; see topk_like_torch), renormalise, count picks per expert
+//          as torch.topk leaves them; see topk_like_torch), renormalise, scale, count picks per expert
+//   router variants (sigmoid / sqrtsoftplus scores, correction_bias): the fp32 scores (and scores + bias, the
+//          selection) come from the reference's own ATen calls on the whole [T, E] logits, bit for bit; pass 2
+//          then picks on the selection and weighs with the scores. router_bias goes into the router GEMM
+//          (at::linear's bias, the reference's F.linear call).
 //   placement (per chunk): stable counting sort of the (token, slot) pairs by expert
 // Rounding mirrors reference.py step by step (each op rounds to the input dtype where the reference
 // does), so bf16/fp16 results match the reference up to summation order.
@@ -91,8 +95,7 @@ void topk_like_torch(Candidate* queue, int64_t n, int64_t picks) {
   }
 }
 
-// Fast path of the same selection: repeated arg-max over block [n], taken entries marked -1 (probabilities
-// are >= 0). Exact only while the result is unique, i.e. no value at or above the last pick is tied: then
+// Fast path of the same selection: repeated arg-max over block [n], taken entries marked -inf. Exact only while the result is unique, i.e. no value at or above the last pick is tied: then
 // every correct top-k, torch.topk's included, returns it. Returns false on a tie (restoring block), and the
 // caller takes topk_like_torch. NaN-free input only (the caller checks).
 // NOTE (shared 2-core AVX-512 Xeon, 1 thread, fp32, E=128, H=4, k=8, d=16 so that routing dominates, medians
@@ -104,7 +107,8 @@ bool topk_distinct(float* block /*[n]*/, int64_t n, int64_t picks, int64_t* loca
   for (int64_t j = 0; j < picks; ++j) {
     // Branch-free passes (arg-max branches mispredict on random data): the maximum (four chains: max is
     // exact in any order without NaN), how often it occurs, and where it first occurs.
-    float m[4] = {-1.f, -1.f, -1.f, -1.f};
+    constexpr float lowest = -std::numeric_limits<float>::infinity();
+    float m[4] = {lowest, lowest, lowest, lowest};
     int64_t e = 0;
     for (; e + 4 <= n; e += 4) {
       for (int i = 0; i < 4; ++i) m[i] = block[e + i] > m[i] ? block[e + i] : m[i];
@@ -113,45 +117,55 @@ bool topk_distinct(float* block /*[n]*/, int64_t n, int64_t picks, int64_t* loca
     const float best = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
     int64_t count = 0;
     for (e = 0; e < n; ++e) count += block[e] == best;
-    if (count != 1) {  // tied at the top of what is left: not unique
+    if (count != 1) {  // tied at the top of what is left (or -inf, like the taken entries): not unique
       for (int64_t i = 0; i < j; ++i) block[local[i]] = values[i];
       return false;
     }
     int64_t best_e = 0;
     while (block[best_e] != best) ++best_e;
     local[j] = best_e, values[j] = best;
-    block[best_e] = -1.f;  // taken
+    block[best_e] = lowest;  // taken
   }
   return true;
 }
 
 // Softmax over E logits, top-(k/H) per block of E/H experts (torch.topk's order, above), weights
-// renormalised over the k picks. Counts picks per expert into chunk_counts [E].
+// renormalised over the k picks, then scaled. Counts picks per expert into chunk_counts [E].
+// Variants: with `scores` [E] (fp32, precomputed) the picks are made on `selection` [E] (scores + correction
+// bias; `scores` itself when null) and weighed with `scores`; a block holding a NaN takes torch.topk's order.
 // NaN: a NaN or +Inf logit (or all -Inf) makes the whole row of probabilities NaN, as ATen's softmax does
 // (then `total` is NaN, and only then); the picks are torch.topk's picks among NaNs (valid ids in [0, E)),
 // the row's weights are NaN, so its expert outputs are NaN while other tokens are unaffected, as in the
 // reference.
 template <typename scalar_t>
-void route_token(const scalar_t* logits /*[E]*/, int64_t E, int64_t H, int64_t k, bool renormalize,
-                 float* probs /*[E] scratch*/, Candidate* queue /*[E/H] scratch*/, int64_t* local /*[k/H] scratch*/,
+void route_token(const scalar_t* logits /*[E]*/, const float* scores /*[E] or null*/,
+                 const float* selection /*[E] or null*/, int64_t E, int64_t H, int64_t k, bool renormalize,
+                 float scaling, float* probs /*[E] scratch*/, Candidate* queue /*[E/H] scratch*/, int64_t* local /*[k/H] scratch*/,
                  float* picked /*[k] scratch*/, int64_t* ids /*[k]*/, scalar_t* weights /*[k]*/,
                  int64_t* chunk_counts /*[E]*/) {
-  float max_logit = -std::numeric_limits<float>::infinity();
-  for (int64_t e = 0; e < E; ++e) max_logit = std::max(max_logit, float(logits[e]));
-  float total = 0.f;
-  for (int64_t e = 0; e < E; ++e) {
-    probs[e] = std::exp(float(logits[e]) - max_logit);
-    total += probs[e];
+  bool nan_row = false;  // softmax: every probability NaN, or none
+  if (scores == nullptr) {
+    float max_logit = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) max_logit = std::max(max_logit, float(logits[e]));
+    float total = 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+      probs[e] = std::exp(float(logits[e]) - max_logit);
+      total += probs[e];
+    }
+    const float inv_total = 1.f / total;
+    for (int64_t e = 0; e < E; ++e) probs[e] *= inv_total;
+    nan_row = std::isnan(total);
+  } else {
+    std::copy(selection ? selection : scores, (selection ? selection : scores) + E, probs);
   }
-  const float inv_total = 1.f / total;
-  for (int64_t e = 0; e < E; ++e) probs[e] *= inv_total;
-  const bool nan_row = std::isnan(total);  // every probability NaN, or none
 
   const int64_t block = E / H, per_group = k / H;
   for (int64_t g = 0; g < H; ++g) {
     float* block_probs = probs + g * block;
     float* values = picked + g * per_group;
-    if (nan_row || !topk_distinct(block_probs, block, per_group, local, values)) {
+    const bool nan_block = nan_row || (scores != nullptr && std::any_of(block_probs, block_probs + block,
+                                                                        [](float v) { return std::isnan(v); }));
+    if (nan_block || !topk_distinct(block_probs, block, per_group, local, values)) {
       for (int64_t j = 0; j < block; ++j) queue[j] = {block_probs[j], j};
       topk_like_torch(queue, block, per_group);
       for (int64_t j = 0; j < per_group; ++j) local[j] = queue[j].second, values[j] = queue[j].first;
@@ -160,16 +174,21 @@ void route_token(const scalar_t* logits /*[E]*/, int64_t E, int64_t H, int64_t k
       const int64_t id = g * block + local[j];  // in [g * block, (g + 1) * block) by construction
       ids[g * per_group + j] = id;
       ++chunk_counts[id];
+      if (scores != nullptr) values[j] = scores[id];  // weighed by the scores, not the selection
     }
   }
   float sum = 0.f;
   for (int64_t j = 0; j < k; ++j) sum += picked[j];
-  for (int64_t j = 0; j < k; ++j) weights[j] = static_cast<scalar_t>(renormalize ? picked[j] / sum : picked[j]);
+  // x * 1.f is x exactly: the default call's weights are unchanged by the scaling.
+  for (int64_t j = 0; j < k; ++j) {
+    weights[j] = static_cast<scalar_t>((renormalize ? picked[j] / sum : picked[j]) * scaling);
+  }
 }
 
 template <typename scalar_t>
-void route_tokens(const scalar_t* logits /*[T,E]*/, int64_t T, int64_t E, int64_t H, int64_t k, bool renormalize,
-                  int64_t* ids /*[T,k]*/, scalar_t* weights /*[T,k]*/, int64_t* pairs /*[T*k]*/,
+void route_tokens(const scalar_t* logits /*[T,E]*/, const float* scores /*[T,E] or null*/,
+                  const float* selection /*[T,E] or null*/, int64_t T, int64_t E, int64_t H, int64_t k,
+                  bool renormalize, float scaling, int64_t* ids /*[T,k]*/, scalar_t* weights /*[T,k]*/, int64_t* pairs /*[T*k]*/,
                   int64_t* offsets /*[E+1]*/) {
   const int64_t chunks = (T + kTokensPerChunk - 1) / kTokensPerChunk;
   std::vector<int64_t> slots(chunks * E, 0);  // [chunks, E]: picks per (chunk, expert), then write cursors
@@ -179,7 +198,8 @@ void route_tokens(const scalar_t* logits /*[T,E]*/, int64_t T, int64_t E, int64_
     std::vector<int64_t> local(k / H);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = c * kTokensPerChunk; t < std::min(T, (c + 1) * kTokensPerChunk); ++t) {
-        route_token(logits + t * E, E, H, k, renormalize, probs.data(), queue.data(), local.data(), picked.data(),
+        route_token(logits + t * E, scores ? scores + t * E : nullptr, selection ? selection + t * E : nullptr, E,
+                    H, k, renormalize, scaling, probs.data(), queue.data(), local.data(), picked.data(),
                     ids + t * k, weights + t * k, slots.data() + c * E);
       }
     }
@@ -219,8 +239,11 @@ void group_by_expert_host(const int64_t* ids, int64_t n, int64_t num_experts, in
 
 RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor& partials,
                                     const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
-                                    int64_t num_groups, int64_t top_k, bool renormalize) {
+                                    int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
+                                    const std::optional<at::Tensor>& router_bias,
+                                    const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
   check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k);
+  const Scoring score = check_route_variant(router_weight, scoring, router_bias, correction_bias, routed_scaling);
   TORCH_CHECK(partials.device().is_cpu(), "sum_route_dispatch_cpu got a ", partials.device(), " tensor");
   const auto res = residual.contiguous(), par = partials.contiguous(), nw = norm_weight.contiguous();
   const int64_t H = par.size(0), T = par.size(1), d = par.size(2), E = router_weight.size(0);
@@ -230,8 +253,20 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor
     sum_and_norm<scalar_t>(res.const_data_ptr<scalar_t>(), res.size(0) == 1 ? 0 : T * d,
                            par.const_data_ptr<scalar_t>(), nw.const_data_ptr<scalar_t>(), float(eps), H, T, d,
                            r.mutable_data_ptr<scalar_t>(), xn.mutable_data_ptr<scalar_t>());
-    const auto logits = at::linear(xn, router_weight).contiguous();  // [T,E], rounded like F.linear
-    route_tokens<scalar_t>(logits.const_data_ptr<scalar_t>(), T, E, num_groups, top_k, renormalize,
+    const auto logits = at::linear(xn, router_weight, router_bias).contiguous();  // [T,E], rounded like F.linear
+    // Variants: the reference's fp32 scores and selection (reference.router_scores / selection_scores).
+    at::Tensor scores, selection;
+    if (score != Scoring::kSoftmax || correction_bias) {
+      const auto logits32 = logits.to(at::kFloat);
+      scores = (score == Scoring::kSoftmax   ? at::softmax(logits32, -1)
+                : score == Scoring::kSigmoid ? at::sigmoid(logits32)
+                                             : at::sqrt(at::softplus(logits32)))
+                   .contiguous();
+      if (correction_bias) selection = (scores + correction_bias->to(at::kFloat)).contiguous();
+    }
+    route_tokens<scalar_t>(logits.const_data_ptr<scalar_t>(), scores.defined() ? scores.const_data_ptr<float>() : nullptr,
+                           selection.defined() ? selection.const_data_ptr<float>() : nullptr, T, E, num_groups, top_k,
+                           renormalize, static_cast<float>(routed_scaling),
                            ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<scalar_t>(),
                            pairs.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>());
   });

@@ -1,7 +1,8 @@
 // foe::sum_route_dispatch_native on CUDA: validates, allocates and launches the kernels of
 // kernels/route_dispatch.cuh (the same extern "C" entry points that CuPy compiles with NVRTC).
-// Default (split): norm kernel, logits = at::linear(xn, router_weight) (cuBLAS; the reference's own call),
-// softmax/top-k kernel, grouping. FOE_CUDA_ROUTE=fused selects the older one-block-per-token kernel.
+// Default (split): norm kernel, logits = at::linear(xn, router_weight, router_bias) (cuBLAS; the reference's own
+// call), scores/top-k kernel (every router variant), grouping. FOE_CUDA_ROUTE=fused selects the older
+// one-block-per-token kernel for default calls (softmax, no biases, no scaling); variants take the split path.
 // Checked here (host, no synchronisation): shapes, dtypes, devices, and sizes the kernels' int indexing and
 // shared memory can hold. Not checked: values (NaN/Inf inputs are legal: NaN ranks first in top-k, see
 // kernels/route_dispatch.cuh; ids always land in [0, E) and the grouping kernels trap otherwise).
@@ -22,6 +23,11 @@
 #include <cstring>
 
 namespace foe {
+
+static_assert(static_cast<int>(Scoring::kSoftmax) == FOE_SCORE_SOFTMAX &&
+                  static_cast<int>(Scoring::kSigmoid) == FOE_SCORE_SIGMOID &&
+                  static_cast<int>(Scoring::kSqrtSoftplus) == FOE_SCORE_SQRTSOFTPLUS,
+              "foe::Scoring and the FOE_SCORE_* codes of kernels/route_dispatch.cuh disagree");
 
 namespace {
 
@@ -101,8 +107,12 @@ void group_by_expert_cuda(const at::Tensor& ids, int64_t num_experts, at::Tensor
 
 RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
                                      const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
-                                     int64_t num_groups, int64_t top_k, bool renormalize) {
+                                     int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
+                                     const std::optional<at::Tensor>& router_bias,
+                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
   check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k);
+  const Scoring score = check_route_variant(router_weight, scoring, router_bias, correction_bias, routed_scaling);
+  const bool variant = score != Scoring::kSoftmax || router_bias || correction_bias || routed_scaling != 1.0;
   TORCH_CHECK(partials.is_cuda(), "sum_route_dispatch_cuda got a ", partials.device(), " tensor");
   const c10::cuda::CUDAGuard guard(partials.device());
   const auto res = residual.contiguous(), par = partials.contiguous();
@@ -114,7 +124,7 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
   TORCH_CHECK(T < INT_MAX && T * top_k < INT_MAX, "the CUDA route kernels take T*k < 2^31 (T=", T, ", k=", top_k,
               "); split the batch");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (T > 0 && use_fused_kernel()) {
+  if (T > 0 && !variant && use_fused_kernel()) {
     FOE_DISPATCH_FLOAT_TYPES(par.scalar_type(), "sum_route_dispatch_cuda", [&] {
       const size_t shared = static_cast<size_t>(E + top_k) * sizeof(float);
       RouteKernel<scalar_t>::launch<<<T, FOE_ROUTE_THREADS, shared, stream>>>(
@@ -136,14 +146,18 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // The reference's call (F.linear in the dtype, cuBLAS); the top-k kernel reads the dtype logits and
       // converts them exactly, as .float() does.
-      const auto logits = at::linear(xn, router_weight).contiguous();  // [T, E]
+      const auto logits = at::linear(xn, router_weight, router_bias).contiguous();  // [T, E]
+      // The correction bias in fp32 (exact from bf16/fp16), read by the top-k kernel's selection.
+      const auto correction = correction_bias ? correction_bias->to(at::kFloat).contiguous() : at::Tensor();
       const int64_t per_warp = (E + top_k) * static_cast<int64_t>(sizeof(float));
       const int64_t warps = std::max<int64_t>(1, std::min<int64_t>({FOE_TOPK_WARPS, 48 * 1024 / per_warp, T}));
       const int64_t blocks = (T + warps - 1) / warps;
       RouteKernel<scalar_t>::topk<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps),
                                      static_cast<size_t>(warps * per_warp), stream>>>(
           as_kernel<scalar_t>(logits), T, static_cast<int>(E), static_cast<int>(num_groups), static_cast<int>(top_k),
-          renormalize ? 1 : 0, ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
+          renormalize ? 1 : 0, static_cast<int>(score),
+          correction.defined() ? correction.const_data_ptr<float>() : nullptr, static_cast<float>(routed_scaling),
+          ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -3,9 +3,12 @@
 // exactly the reference's call, so the logits are the reference's bit for bit):
 //   foe_route_norm_<dtype>    one block per token: r = mean_h(residual + partials), xn = RMSNorm(r) * w
 //                             (16-byte vector loads when `vec`), fp32 accumulation, the reference's roundings
-//   foe_route_topk_<dtype>    one warp per token, several tokens per block: fp32 softmax of the dtype logits
-//                             (ATen's warp softmax order: lane sums of e = lane + 32i, xor butterfly, divide),
-//                             quota top-(k/H) per expert block (ties to the lower id, NaN largest), renormalise
+//   foe_route_topk_<dtype>    one warp per token, several tokens per block: fp32 scores of the dtype logits:
+//                             softmax (ATen's warp softmax order: lane sums of e = lane + 32i, xor butterfly,
+//                             divide), sigmoid or sqrt(softplus) (ATen's CUDA formulas); quota top-(k/H) per
+//                             expert block of the selection = scores (+ fp32 correction bias) (ties to the lower
+//                             id, NaN largest); weights = the picked scores, renormalised, times the scaling.
+//                             router_bias is the launcher's: at::linear(xn, router_weight, router_bias)
 //   foe_group_small           one block, T*k <= FOE_GROUP_SMALL: counts, scan, warp-serial stable placement
 //   foe_count_tiles           picks per (expert, tile of FOE_TILE pairs), expert-major
 //   foe_scan_flat             one block: exclusive scan of the expert-major counts = each (expert, tile)'s
@@ -28,6 +31,10 @@
 #define FOE_GROUP_THREADS 1024
 #define FOE_GROUP_SMALL 4096
 #define FOE_SCAN_THREADS 1024
+// Router scores (foe::Scoring in foe_ops.h).
+#define FOE_SCORE_SOFTMAX 0
+#define FOE_SCORE_SIGMOID 1
+#define FOE_SCORE_SQRTSOFTPLUS 2
 
 // Selection rule of both CUDA route kernels (and the rule the C++ kernel's torch.topk order agrees with
 // wherever values are distinct): NaN ranks above every number, as torch.topk; among equal keys (ties, or
@@ -210,11 +217,51 @@ FOE_NORM_ENTRY(f32, float)
 FOE_NORM_ENTRY(bf16, foe_bf16)
 FOE_NORM_ENTRY(f16, foe_f16)
 
-// One warp per token. Shared memory per warp: E + k floats (probabilities, then the k picked values).
+// Rank of selection value v of expert e in the split kernel's total order: NaN above every number (+Inf
+// included), then by value (-0 == +0), ties to the lower id. Distinct per e; every rank is > 0.
+__device__ __forceinline__ unsigned long long foe_select_rank(float v, int e) {
+  unsigned key = 0xFFFFFFFFu;  // NaN
+  if (v == v) {
+    const unsigned bits = __float_as_uint(v == 0.f ? 0.f : v);
+    key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // order-preserving: -Inf -> 0x007FFFFF
+  }
+  return ((unsigned long long)key << 32) | (unsigned)(0x7FFFFFFF - e);
+}
+
+// The next pick of block [begin, end) (whole warp; all 32 lanes call): the highest rank below `below` (the
+// previous pick's rank; ~0 for the first). Selection = scores (+ correction). Returns the rank; its id is
+// foe_rank_id(rank), always in [begin, end) (begin were there none left: the launchers ask for k/H <= E/H).
+__device__ __forceinline__ unsigned long long foe_pick_next(const float* scores, const float* __restrict__ correction,
+                                                            int begin, int end, unsigned long long below) {
+  const int lane = threadIdx.x & 31;
+  unsigned long long best = 0;
+  for (int e = begin + lane; e < end; e += 32) {
+    const unsigned long long rank = foe_select_rank(correction ? scores[e] + correction[e] : scores[e], e);
+    if (rank < below && rank > best) best = rank;
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, offset);
+    if (other > best) best = other;
+  }
+  return best;
+}
+
+__device__ __forceinline__ int foe_rank_id(unsigned long long rank, int begin) {
+  return rank == 0 ? begin : 0x7FFFFFFF - (int)(rank & 0xFFFFFFFFull);
+}
+
+// ATen's CUDA formulas in fp32 (sigmoid: 1 / (1 + exp(-x)); softplus, beta 1, threshold 20).
+__device__ __forceinline__ float foe_score(int scoring, float x) {
+  if (scoring == FOE_SCORE_SIGMOID) return 1.f / (1.f + expf(-x));
+  return sqrtf(x > 20.f ? x : log1pf(expf(x)));  // FOE_SCORE_SQRTSOFTPLUS
+}
+
+// One warp per token. Shared memory per warp: E + k floats (scores, then the k picked scores).
 template <typename scalar_t>
 __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logits /*[T,E] in the dtype*/,
-                                               long long T, int E, int H, int k, int renormalize,
-                                               long long* __restrict__ ids /*[T,k]*/,
+                                               long long T, int E, int H, int k, int renormalize, int scoring,
+                                               const float* __restrict__ correction /*[E] fp32 or null*/,
+                                               float scaling, long long* __restrict__ ids /*[T,k]*/,
                                                scalar_t* __restrict__ weights /*[T,k]*/, float* shared) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
@@ -223,49 +270,58 @@ __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logi
   float* picked = probs + E;
   const scalar_t* row = logits + t * E;
 
-  float max_logit = -3.402823466e38f;
-  for (int e = lane; e < E; e += 32) {
-    const float logit = foe_to_float(row[e]);  // F.linear's dtype logits, .float(): exact
-    probs[e] = logit;
-    max_logit = fmaxf(max_logit, logit);
+  if (scoring == FOE_SCORE_SOFTMAX) {
+    float max_logit = -3.402823466e38f;
+    for (int e = lane; e < E; e += 32) {
+      const float logit = foe_to_float(row[e]);  // F.linear's dtype logits, .float(): exact
+      probs[e] = logit;
+      max_logit = fmaxf(max_logit, logit);
+    }
+    max_logit = foe_warp_max(max_logit);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) {
+      const float p = expf(probs[e] - max_logit);
+      probs[e] = p;
+      sum += p;  // ATen's warp softmax: each lane sums e = lane + 32 i in order, then an xor butterfly
+    }
+    sum = foe_warp_sum(sum);
+    for (int e = lane; e < E; e += 32) probs[e] = probs[e] / sum;
+  } else {
+    for (int e = lane; e < E; e += 32) probs[e] = foe_score(scoring, foe_to_float(row[e]));
   }
-  max_logit = foe_warp_max(max_logit);
-  float sum = 0.f;
-  for (int e = lane; e < E; e += 32) {
-    const float p = expf(probs[e] - max_logit);
-    probs[e] = p;
-    sum += p;  // ATen's warp softmax: each lane sums e = lane + 32 i in order, then an xor butterfly
-  }
-  sum = foe_warp_sum(sum);
-  for (int e = lane; e < E; e += 32) probs[e] = probs[e] / sum;
   __syncwarp();
 
+  // Picks in the total order of foe_select_rank (the order of foe_pick_best, without marking taken experts:
+  // the scores stay intact for the weights, and a corrected selection may be negative).
   const int block = E / H, per_group = k / H;
   for (int g = 0; g < H; ++g) {
+    unsigned long long below = ~0ull;
     for (int j = 0; j < per_group; ++j) {
-      const int best_id = foe_pick_best(probs, g * block, (g + 1) * block);
+      below = foe_pick_next(probs, correction, g * block, (g + 1) * block, below);
+      const int best_id = foe_rank_id(below, g * block);
       if (lane == 0) {
         ids[t * k + g * per_group + j] = best_id;
         picked[g * per_group + j] = probs[best_id];
-        probs[best_id] = FOE_TAKEN;
       }
-      __syncwarp();
     }
   }
+  __syncwarp();
   float total = 0.f;
   for (int j = 0; j < k; ++j) total += picked[j];  // every lane, the same order
-  for (int j = lane; j < k; j += 32) {
-    weights[t * k + j] = foe_from_float<scalar_t>(renormalize ? picked[j] / total : picked[j]);
+  for (int j = lane; j < k; j += 32) {  // x * 1.f is x exactly: the default call's weights are unscaled
+    weights[t * k + j] = foe_from_float<scalar_t>((renormalize ? picked[j] / total : picked[j]) * scaling);
   }
 }
 
-// grid = ceil(T / warps), block = 32 * warps, shared = warps * (E + k) floats.
+// grid = ceil(T / warps), block = 32 * warps, shared = warps * (E + k) floats. correction: [E] fp32 or null.
 #define FOE_TOPK_ENTRY(SUFFIX, TYPE)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * FOE_TOPK_WARPS) foe_route_topk_##SUFFIX(                  \
-      const TYPE* __restrict__ logits, long long T, int E, int H, int k, int renormalize,                      \
-      long long* __restrict__ ids, TYPE* __restrict__ weights) {                                              \
+      const TYPE* __restrict__ logits, long long T, int E, int H, int k, int renormalize, int scoring,         \
+      const float* __restrict__ correction, float scaling, long long* __restrict__ ids,                        \
+      TYPE* __restrict__ weights) {                                                                           \
     extern __shared__ float foe_topk_shared[];                                                                \
-    foe_route_topk<TYPE>(logits, T, E, H, k, renormalize, ids, weights, foe_topk_shared);                     \
+    foe_route_topk<TYPE>(logits, T, E, H, k, renormalize, scoring, correction, scaling, ids, weights,         \
+                         foe_topk_shared);                                                                    \
   }
 FOE_TOPK_ENTRY(f32, float)
 FOE_TOPK_ENTRY(bf16, foe_bf16)

@@ -111,11 +111,19 @@ def _group_by_expert(ids: Tensor, num_experts: int, pairs: Tensor, offsets: Tens
             [_ptr(ids), np.int32(n), E, np.int32(tiles), _ptr(tile_counts), _ptr(pairs)])
 
 
+SCORING_CODE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # FOE_SCORE_* of route_dispatch.cuh
+
+
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
-                       num_groups: int, top_k: int, renormalize: bool):
-    """Norm kernel, logits = F.linear(xn, router_weight) (the reference's call), softmax/top-k kernel, grouping."""
-    ops.check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
-    suffix = _check_dtype(partials, residual, norm_weight, router_weight)
+                       num_groups: int, top_k: int, renormalize: bool, scoring: str = "softmax",
+                       router_bias: Tensor | None = None, correction_bias: Tensor | None = None,
+                       routed_scaling: float = 1.0):
+    """Norm kernel, logits = F.linear(xn, router_weight, router_bias) (the reference's call), scores/top-k kernel
+    (every router variant; the correction bias read in fp32), grouping."""
+    ops.check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k, scoring, router_bias,
+                         correction_bias, routed_scaling)
+    suffix = _check_dtype(partials, residual, norm_weight, router_weight,
+                          *([] if router_bias is None else [router_bias]))
     res, par, nw = (t.contiguous() for t in (residual, partials, norm_weight))
     H, T, d = par.shape
     E = router_weight.shape[0]
@@ -133,12 +141,14 @@ def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, 
         _launch(f"foe_route_norm_{suffix}", par.device, (T,), c["FOE_NORM_THREADS"],
                 [_ptr(res), np.int64(0 if res.shape[0] == 1 else T * d), _ptr(par), _ptr(nw), np.float32(eps),
                  np.int32(H), np.int64(T), np.int64(d), np.int32(vectorised), _ptr(r), _ptr(xn)])
-        logits = torch.nn.functional.linear(xn, router_weight).contiguous()  # [T, E] in the dtype, cuBLAS
+        logits = torch.nn.functional.linear(xn, router_weight, router_bias).contiguous()  # [T, E] in the dtype, cuBLAS
+        correction = None if correction_bias is None else correction_bias.float().contiguous()
         per_warp = 4 * (E + top_k)
         warps = max(1, min(c["FOE_TOPK_WARPS"], 48 * 1024 // per_warp, T))
         _launch(f"foe_route_topk_{suffix}", par.device, (-(-T // warps),), 32 * warps,
                 [_ptr(logits), np.int64(T), np.int32(E), np.int32(num_groups), np.int32(top_k),
-                 np.int32(bool(renormalize)), _ptr(ids), _ptr(weights)], warps * per_warp)
+                 np.int32(bool(renormalize)), np.int32(SCORING_CODE[scoring]), _optional_ptr(correction),
+                 np.float32(routed_scaling), _ptr(ids), _ptr(weights)], warps * per_warp)
     _group_by_expert(ids, E, pairs, offsets)
     return r, xn, ids, weights, pairs, offsets
 
@@ -181,5 +191,6 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
 
 
 if UNAVAILABLE_REASON is None:
-    dispatch.register("sum_route_dispatch", "cupy", ("cuda",))(sum_route_dispatch)
+    dispatch.register("sum_route_dispatch", "cupy", ("cuda",), features=dispatch.FEATURES["sum_route_dispatch"])(
+        sum_route_dispatch)
     dispatch.register("experts_swiglu", "cupy", ("cuda",), features=dispatch.FEATURES["experts_swiglu"])(experts_swiglu)

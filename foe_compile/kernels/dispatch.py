@@ -18,6 +18,10 @@ the activation, "bias" for expert biases, "clamped" for gpt-oss's alpha / limit 
 backend that lacks one is skipped; when it was selected explicitly, a warning names the backend and
 the missing feature once, and the call runs on the most preferred backend that has it (the
 reference has every feature). Every backend receives all the op's schema arguments.
+
+Likewise foe::sum_route_dispatch (`route_features`): "sigmoid" / "sqrtsoftplus" scores, "router_bias",
+"correction_bias", "scaling" (routed_scaling != 1). A default call (softmax, no biases, no scaling) passes
+only the schema's first 8 arguments, so a backend registered without route features keeps working on it.
 """
 from __future__ import annotations
 
@@ -28,14 +32,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import reference
+from . import ops, reference
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "native", "cupy", "triton")
 OPS = ("sum_route_dispatch", "experts_swiglu")
 # Every feature of each op; a backend registers the ones it computes (default: the plain SiLU SwiGLU).
-FEATURES = {"sum_route_dispatch": frozenset(),
+ROUTE_FEATURES = frozenset({"sigmoid", "sqrtsoftplus", "router_bias", "correction_bias", "scaling"})
+FEATURES = {"sum_route_dispatch": ROUTE_FEATURES,
             "experts_swiglu": frozenset(reference.ACTIVATIONS) | {"bias", "clamped"}}
 BASE_FEATURES = {"sum_route_dispatch": frozenset(), "experts_swiglu": frozenset({"silu"})}
 _KERNELS: dict[tuple[str, str], Callable] = {
@@ -78,6 +83,21 @@ def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None
         needs.add("bias")
     if alpha != 1.0 or limit is not None or up_offset != 0.0:
         needs.add("clamped")
+    return frozenset(needs)
+
+
+def route_features(scoring: str = "softmax", router_bias=None, correction_bias=None,
+                   routed_scaling: float = 1.0) -> frozenset[str]:
+    """The features a foe::sum_route_dispatch call needs, from its router-variant arguments."""
+    if scoring not in reference.SCORINGS:
+        raise ValueError(f"unknown router scoring {scoring!r}; foe::sum_route_dispatch computes {reference.SCORINGS}")
+    needs = set() if scoring == "softmax" else {scoring}
+    if router_bias is not None:
+        needs.add("router_bias")
+    if correction_bias is not None:
+        needs.add("correction_bias")
+    if routed_scaling != 1.0:
+        needs.add("scaling")
     return frozenset(needs)
 
 
@@ -155,8 +175,13 @@ def kernel(op: str, device: torch.device, tokens: int | None = None, num_experts
     return _KERNELS[(op, backend)]
 
 
-def _route(residual, partials, *args):
-    return kernel("sum_route_dispatch", partials.device)(residual, partials, *args)
+def _route(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize, *variant):
+    needs = route_features(*variant)
+    if variant:  # every backend sees checked variant arguments (ValueError saying what to change)
+        ops.check_route_variant(router_weight, *variant)
+    fn = kernel("sum_route_dispatch", partials.device, needs=needs)
+    args = (residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize)
+    return fn(*args, *variant) if needs else fn(*args)  # the default call: the schema's first 8 arguments
 
 
 def _experts(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):

@@ -2,7 +2,8 @@
 
 Importing foe_compile._C registers foe::sum_route_dispatch_native and foe::experts_swiglu_native
 (the public ops' schemas, see ops.py). This module adds their fake impls and registers them with
-`dispatch` as backend "native" (foe::experts_swiglu with every expert-unit variant). When the extension
+`dispatch` as backend "native" (foe::experts_swiglu with every expert-unit variant, foe::sum_route_dispatch
+with every router variant). When the extension
 is not built the package still imports: `UNAVAILABLE_REASON` says why and how to build it, and "auto"
 falls back to other backends.
 """
@@ -47,7 +48,7 @@ if _C is not None:
     torch.library.register_fake("foe::sum_route_dispatch_native")(_fake_route)
     torch.library.register_fake("foe::experts_swiglu_native")(_fake_experts)
     _devices = ("cpu", "cuda") if has_cuda() else ("cpu",)
-    dispatch.register("sum_route_dispatch", "native", _devices)(
+    dispatch.register("sum_route_dispatch", "native", _devices, features=dispatch.FEATURES["sum_route_dispatch"])(
         lambda *args: torch.ops.foe.sum_route_dispatch_native(*args))
     dispatch.register("experts_swiglu", "native", _devices, features=dispatch.FEATURES["experts_swiglu"])(
         lambda *args: torch.ops.foe.experts_swiglu_native(*args))

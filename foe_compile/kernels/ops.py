@@ -7,6 +7,8 @@ in `reference.py`. Shapes are static at the boundary: per-expert counts live ins
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -15,10 +17,13 @@ from . import reference
 # The expert unit's variants (reference.expert_unit); the defaults are SiLU SwiGLU without biases.
 UNIT_SCHEMA = ('str activation="silu", Tensor? gate_up_bias=None, Tensor? down_bias=None, float alpha=1.0, '
                'float? limit=None, float up_offset=0.0')
+# The router's variants (reference.sum_route_dispatch); the defaults are softmax scores without biases.
+ROUTE_SCHEMA = ('str scoring="softmax", Tensor? router_bias=None, Tensor? correction_bias=None, '
+                'float routed_scaling=1.0')
 LIB = torch.library.Library("foe", "DEF")  # noqa: TOR901 - the namespace is ours
 LIB.define(
     "sum_route_dispatch(Tensor residual, Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, "
-    "int num_groups, int top_k, bool renormalize) -> (Tensor r, Tensor xn, Tensor topk_ids, Tensor topk_weights, "
+    "int num_groups, int top_k, bool renormalize, " + ROUTE_SCHEMA + ") -> (Tensor r, Tensor xn, Tensor topk_ids, Tensor topk_weights, "
     "Tensor sorted_pairs, Tensor expert_offsets)"
 )
 LIB.define(
@@ -28,8 +33,9 @@ LIB.define(
 # Backward ops: opaque recompute-based gradients (see _recompute_grads).
 LIB.define(
     "sum_route_dispatch_backward(Tensor grad_r, Tensor grad_xn, Tensor grad_weights, Tensor residual, "
-    "Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, Tensor topk_ids, bool renormalize) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor partials, Tensor norm_weight, float eps, Tensor router_weight, Tensor topk_ids, bool renormalize, "
+    'str scoring="softmax", Tensor? router_bias=None, float routed_scaling=1.0) '
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "experts_swiglu_backward(Tensor grad_out, Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, "
@@ -39,7 +45,8 @@ LIB.define(
 
 
 def check_route_args(residual: Tensor, partials: Tensor, norm_weight: Tensor, router_weight: Tensor,
-                     num_groups: int, top_k: int) -> None:
+                     num_groups: int, top_k: int, scoring: str = "softmax", router_bias: Tensor | None = None,
+                     correction_bias: Tensor | None = None, routed_scaling: float = 1.0) -> None:
     torch._check(partials.dim() == 3 and residual.dim() == 3,
                  lambda: f"residual/partials must be [H, T, d], got {tuple(residual.shape)}, {tuple(partials.shape)}")
     torch._check(residual.shape[0] in (1, partials.shape[0]) and residual.shape[1:] == partials.shape[1:],
@@ -49,6 +56,30 @@ def check_route_args(residual: Tensor, partials: Tensor, norm_weight: Tensor, ro
                  lambda: f"router_weight [E, d] / norm_weight [d] do not match hidden size {partials.shape[-1]}")
     torch._check(num_groups >= 1 and E % num_groups == 0 and top_k % num_groups == 0 and top_k <= E,
                  lambda: f"need E={E} and top_k={top_k} divisible by num_groups={num_groups}, top_k <= E")
+    check_route_variant(router_weight, scoring, router_bias, correction_bias, routed_scaling)
+
+
+def check_route_variant(router_weight: Tensor, scoring: str = "softmax", router_bias: Tensor | None = None,
+                        correction_bias: Tensor | None = None, routed_scaling: float = 1.0) -> None:
+    """The router-variant arguments (ValueError, saying what to change): a known scoring, biases [E] on the
+    router's device, router_bias in the router's dtype (it is added in F.linear), correction_bias in the
+    router's dtype or float32 (it is added to the fp32 scores), a finite routed_scaling."""
+    if scoring not in reference.SCORINGS:
+        raise ValueError(f"unknown router scoring {scoring!r}; foe::sum_route_dispatch computes {reference.SCORINGS}")
+    if not math.isfinite(routed_scaling):
+        raise ValueError(f"routed_scaling must be finite, got {routed_scaling}")
+    E = router_weight.shape[0]
+    for name, bias, dtypes in (("router_bias", router_bias, (router_weight.dtype,)),
+                               ("correction_bias", correction_bias, (router_weight.dtype, torch.float32))):
+        if bias is None:
+            continue
+        if bias.dim() != 1 or bias.shape[0] != E:
+            raise ValueError(f"{name} must be [E] = [{E}], got {list(bias.shape)}")
+        if bias.dtype not in dtypes:
+            raise ValueError(f"{name} must have dtype {' or '.join(map(str, dict.fromkeys(dtypes)))}, got {bias.dtype}: "
+                             f"cast it with .to(...)")
+        if bias.device != router_weight.device:
+            raise ValueError(f"{name} must be on router_weight's device {router_weight.device}, got {bias.device}")
 
 
 def check_experts_args(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, pairs: Tensor, offsets: Tensor,
@@ -80,8 +111,8 @@ def check_experts_args(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, pa
 
 
 @torch.library.register_fake("foe::sum_route_dispatch")
-def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize):
-    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
+def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize, *variant):
+    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k, *variant)
     T, d = partials.shape[1:]
     E = router_weight.shape[0]
     ids = partials.new_empty(T, top_k, dtype=torch.int64)
@@ -96,10 +127,10 @@ def _(x, gate_up, down, ids, weights, pairs, offsets, num_groups, *unit):
 
 
 @torch.library.impl("foe::sum_route_dispatch", "CompositeExplicitAutograd")
-def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize):
-    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k)
+def _(residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize, *variant):
+    check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k, *variant)
     return reference.sum_route_dispatch(residual, partials, norm_weight, eps, router_weight, num_groups, top_k,
-                                        renormalize)
+                                        renormalize, *variant)
 
 
 @torch.library.impl("foe::experts_swiglu", "CompositeExplicitAutograd")
@@ -123,20 +154,27 @@ def _recompute_grads(fn, inputs: tuple[Tensor, ...], grads: tuple[Tensor, ...]) 
 
 
 @torch.library.impl("foe::sum_route_dispatch_backward", "CompositeExplicitAutograd")
-def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize):
-    def forward(res, par, nw, rw):  # the routed picks are fixed: gradients flow through their weights
+def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize,
+      scoring="softmax", router_bias=None, routed_scaling=1.0):
+    # An absent router bias gets a zero stand-in [E] (its gradient is dropped); the correction bias only
+    # chooses the experts, which are fixed here (ids): it has no gradient and is not an input.
+    router_bias_ = router_weight.new_zeros(router_weight.shape[:1]) if router_bias is None else router_bias
+
+    def forward(res, par, nw, rw, rb):  # the routed picks are fixed: gradients flow through their weights
         r = (res + par).mean(0)
         xn = reference.rms_norm(r, nw, eps)
-        probs = torch.softmax(torch.nn.functional.linear(xn, rw).float(), dim=-1)
-        return r, xn, reference.routing_weights(probs, ids, renormalize, xn.dtype)
+        scores = reference.router_scores(torch.nn.functional.linear(xn, rw, rb), scoring)
+        return r, xn, reference.routing_weights(scores, ids, renormalize, xn.dtype, routed_scaling)
 
-    return _recompute_grads(forward, (residual, partials, norm_weight, router_weight), (grad_r, grad_xn, grad_weights))
+    return _recompute_grads(forward, (residual, partials, norm_weight, router_weight, router_bias_),
+                            (grad_r, grad_xn, grad_weights))
 
 
 @torch.library.register_fake("foe::sum_route_dispatch_backward")
-def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize):
+def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, router_weight, ids, renormalize,
+      scoring="softmax", router_bias=None, routed_scaling=1.0):
     return (torch.empty_like(residual), torch.empty_like(partials), torch.empty_like(norm_weight),
-            torch.empty_like(router_weight))
+            torch.empty_like(router_weight), router_weight.new_empty(router_weight.shape[:1]))
 
 
 @torch.library.impl("foe::experts_swiglu_backward", "CompositeExplicitAutograd")
@@ -160,19 +198,23 @@ def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups, *uni
 
 
 def _route_setup(ctx, inputs, output):
-    residual, partials, norm_weight, eps, router_weight, _, _, renormalize = inputs
-    ctx.save_for_backward(residual, partials, norm_weight, router_weight, output[2])
-    ctx.eps, ctx.renormalize = eps, renormalize
+    residual, partials, norm_weight, eps, router_weight, _, _, renormalize, *variant = inputs
+    scoring, router_bias, _, routed_scaling = (list(variant) + ["softmax", None, None, 1.0][len(variant):])
+    ctx.save_for_backward(residual, partials, norm_weight, router_weight, output[2], router_bias)
+    ctx.eps, ctx.renormalize, ctx.scoring, ctx.routed_scaling = eps, renormalize, scoring, routed_scaling
 
 
 def _route_backward(ctx, grad_r, grad_xn, _ids, grad_weights, _pairs, _offsets):
-    residual, partials, norm_weight, router_weight, ids = ctx.saved_tensors
+    residual, partials, norm_weight, router_weight, ids, router_bias = ctx.saved_tensors
     zeros = lambda t, like: t if t is not None else torch.zeros_like(like)  # noqa: E731
     g = torch.ops.foe.sum_route_dispatch_backward(
         zeros(grad_r, partials[0]), zeros(grad_xn, partials[0]),
         zeros(grad_weights, ids.to(partials.dtype)), residual, partials, norm_weight, ctx.eps, router_weight, ids,
-        ctx.renormalize)
-    return g[0], g[1], g[2], None, g[3], None, None, None
+        ctx.renormalize, ctx.scoring, router_bias, ctx.routed_scaling)
+    # inputs: residual, partials, norm_weight, eps, router_weight, num_groups, top_k, renormalize, scoring,
+    # router_bias, correction_bias (selects only: no gradient), routed_scaling
+    return (g[0], g[1], g[2], None, g[3], None, None, None, None, g[4] if router_bias is not None else None, None,
+            None)
 
 
 def _experts_setup(ctx, inputs, output):

@@ -4,9 +4,15 @@ C++, CUDA and Triton kernels are tested against. Formulas:
 sum_route_dispatch
     r        = mean_h(residual[h or 0] + partials[h])                 [T, d]
     xn       = RMSNorm(r) * norm_weight                                [T, d]
-    probs    = softmax(xn @ router_weight^T) in fp32                   [T, E]
-    ids, w   = top-(k/H) in each of H equal expert blocks (H = 1: global top-k), w renormalised
-               to sum to 1 over the k picks when `renormalize`
+    logits   = F.linear(xn, router_weight, router_bias) in xn's dtype  [T, E]
+    scores   = score(logits in fp32): softmax (over E) | sigmoid | sqrtsoftplus = sqrt(softplus)
+    select   = scores + correction_bias (fp32) when given, else scores [T, E]
+    ids      = top-(k/H) of `select` in each of H equal expert blocks (H = 1: global top-k)
+    w        = scores[ids] (never the corrected `select`), divided by their sum over the k picks
+               when `renormalize`, then times `routed_scaling`; cast to xn's dtype
+               (Mixtral/Qwen: softmax; gpt-oss: softmax + router_bias; DeepSeek-V3/GLM-4.5:
+               sigmoid + correction_bias + routed_scaling; MiniMax: sigmoid + correction_bias;
+               sqrtsoftplus: sqrt(softplus(logits)) scores)
     pairs    = stable sort of the T*k (token, slot) pairs p = t*k + j by expert ids[t, j]
     offsets  = offsets[e] = first position of expert e in pairs, offsets[E] = T*k
 experts_swiglu
@@ -44,11 +50,34 @@ def route(probs: Tensor, num_groups: int, top_k: int) -> tuple[Tensor, Tensor]:
     return values.reshape(T, top_k), (local + offsets).reshape(T, top_k)
 
 
-def routing_weights(probs: Tensor, ids: Tensor, renormalize: bool, dtype: torch.dtype) -> Tensor:
+def routing_weights(probs: Tensor, ids: Tensor, renormalize: bool, dtype: torch.dtype,
+                    routed_scaling: float = 1.0) -> Tensor:
     values = probs.gather(1, ids)
     if renormalize:
         values = values / values.sum(dim=-1, keepdim=True)
+    if routed_scaling != 1.0:
+        values = values * routed_scaling
     return values.to(dtype)
+
+
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+
+
+def router_scores(logits: Tensor, scoring: str = "softmax") -> Tensor:
+    """The fp32 expert scores [T, E] of the router logits (see the module docstring)."""
+    logits = logits.float()
+    if scoring == "softmax":
+        return F.softmax(logits, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    if scoring == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits))
+    raise ValueError(f"unknown router scoring {scoring!r}; foe::sum_route_dispatch computes {SCORINGS}")
+
+
+def selection_scores(scores: Tensor, correction_bias: Tensor | None) -> Tensor:
+    """What the experts are chosen by: the scores, plus the correction bias (fp32) when given."""
+    return scores if correction_bias is None else scores + correction_bias.float()
 
 
 def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -65,12 +94,14 @@ def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
 
 
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
-                       num_groups: int, top_k: int, renormalize: bool):
+                       num_groups: int, top_k: int, renormalize: bool, scoring: str = "softmax",
+                       router_bias: Tensor | None = None, correction_bias: Tensor | None = None,
+                       routed_scaling: float = 1.0):
     r = (residual + partials).mean(0)
     xn = rms_norm(r, norm_weight, eps)
-    probs = F.softmax(F.linear(xn, router_weight).float(), dim=-1)
-    _, ids = route(probs, num_groups, top_k)
-    weights = routing_weights(probs, ids, renormalize, xn.dtype)
+    scores = router_scores(F.linear(xn, router_weight, router_bias), scoring)
+    _, ids = route(selection_scores(scores, correction_bias), num_groups, top_k)
+    weights = routing_weights(scores, ids, renormalize, xn.dtype, routed_scaling)
     pairs, offsets = group_by_expert(ids, router_weight.shape[0])
     return r, xn, ids, weights, pairs, offsets
 

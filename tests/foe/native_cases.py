@@ -138,3 +138,45 @@ def check_graph_replay(route, experts, E: int = 60, top_k: int = 8, H: int = 4, 
     eager = layer()
     for got, want in zip(captured, eager):
         assert torch.equal(got, want)
+
+
+# ---- router variants of foe::sum_route_dispatch (reference.sum_route_dispatch's scoring / biases / scaling) ----
+
+def route_variant(E: int, scoring: str = "softmax", router_bias: bool = False, correction_bias: bool = False,
+                  routed_scaling: float = 1.0, dtype=torch.float32, device="cpu", seed: int = 0) -> tuple:
+    """The 4 router-variant arguments (scoring, router_bias [E] in `dtype`, correction_bias [E] fp32, scaling).
+    The correction bias is of the scores' size (DeepSeek-V3's e_score_correction_bias), so it reorders picks."""
+    g = torch.Generator().manual_seed(seed + 3)
+    rb = (0.5 * torch.randn(E, generator=g)).to(device=device, dtype=dtype) if router_bias else None
+    cb = (0.2 * torch.randn(E, generator=g)).to(device=device) if correction_bias else None
+    return scoring, rb, cb, routed_scaling
+
+
+def check_route_variant(got, args, variant, exact_ids: bool = True) -> None:
+    """got = a kernel's outputs for args + variant; compares with reference.sum_route_dispatch. ids equal the
+    reference's (exact_ids), or differ only between experts whose reference selection values are within
+    LOGIT_ATOL (GPU kernels: another GEMM order, ties to the lower id)."""
+    want = reference.sum_route_dispatch(*args, *variant)
+    r, xn, ids, weights, pairs, offsets = got
+    rtol, atol = TOL[args[1].dtype]
+    torch.testing.assert_close(r, want[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(xn, want[1], rtol=rtol, atol=atol)
+    assert ids.dtype == pairs.dtype == offsets.dtype == torch.int64
+    if exact_ids:
+        assert torch.equal(ids, want[2])
+    else:
+        scoring, router_bias, correction_bias, _ = variant
+        logits = F.linear(want[1], args[4], router_bias)
+        select = reference.selection_scores(reference.router_scores(logits, scoring), correction_bias)
+        differ = ids != want[2]
+        if differ.any():
+            gaps = (select.gather(1, ids) - select.gather(1, want[2]))[differ].abs()
+            assert gaps.max().item() <= LOGIT_ATOL[args[1].dtype], f"picks differ beyond a tie: gap {gaps.max()}"
+        if not differ.all():  # weights of the agreeing rows
+            same = ~differ.any(dim=1)
+            torch.testing.assert_close(weights[same], want[3][same], rtol=rtol, atol=atol)
+    if exact_ids:
+        torch.testing.assert_close(weights, want[3], rtol=rtol, atol=atol)
+        assert torch.equal(pairs, want[4]) and torch.equal(offsets, want[5])
+    expect_pairs, expect_offsets = reference.group_by_expert(ids, args[4].shape[0])
+    assert torch.equal(pairs, expect_pairs) and torch.equal(offsets, expect_offsets)
