@@ -6,8 +6,10 @@ onnxscript functions that spell out reference.py's formulas with standard operat
 file needs no custom-op library (tested in onnxruntime's CPU provider, fp32 and fp16; it has
 no bf16 kernels for several standard ops, so bf16 files do not run there):
 
-    sum_route_dispatch  ReduceMean over groups, RMSNorm, MatMul, Softmax, TopK per expert block
-                        (quota routing), renormalisation; the stable grouping by expert is a
+    sum_route_dispatch  ReduceMean over groups, RMSNorm, MatMul (+ router bias), the scores
+                        (Softmax, Sigmoid or Sqrt(Softplus)), TopK per expert block (quota
+                        routing) of the scores (+ correction bias), GatherElements of the
+                        picked scores, renormalisation, scaling; the stable grouping by expert is a
                         TopK over the keys id * N + position (N = T*k); offsets = CumSum of
                         the per-expert counts
     experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
@@ -40,22 +42,42 @@ def _range(stop):
 
 
 def sum_route_dispatch(residual, partials, norm_weight, eps: float, router_weight, num_groups: int, top_k: int,
-                       renormalize: bool):
+                       renormalize: bool, scoring: str = "softmax", router_bias=None, correction_bias=None,
+                       routed_scaling: float = 1.0):
     r = op.ReduceMean(op.Add(residual, partials), _ints(0), keepdims=0)
     x32 = op.Cast(r, to=FLOAT)  # normalised in fp32, scaled in the input dtype (reference.rms_norm)
     mean_sq = op.ReduceMean(op.Mul(x32, x32), _ints(-1), keepdims=1)
     normed = op.Div(x32, op.Sqrt(op.Add(mean_sq, op.Constant(value_float=eps))))
     xn = op.Mul(norm_weight, op.CastLike(normed, r))
-    probs = op.Softmax(op.Cast(op.MatMul(xn, op.Transpose(router_weight, perm=[1, 0])), to=FLOAT), axis=-1)
+    logits = op.MatMul(xn, op.Transpose(router_weight, perm=[1, 0]))
+    if router_bias is not None:
+        logits = op.Add(logits, router_bias)  # in the dtype, as F.linear's bias
+    logits = op.Cast(logits, to=FLOAT)
+    if scoring == "softmax":
+        probs = op.Softmax(logits, axis=-1)
+    elif scoring == "sigmoid":
+        probs = op.Sigmoid(logits)
+    elif scoring == "sqrtsoftplus":
+        probs = op.Sqrt(op.Softplus(logits))
+    else:
+        raise ValueError(f"unknown router scoring {scoring!r}")
     num_experts = op.Shape(router_weight, start=0, end=1)
     block = op.Div(num_experts, _ints(num_groups))
     blocks = op.Reshape(probs, op.Concat(_ints(-1, num_groups), block, axis=0))  # [T, H, E/H]
-    values, local = op.TopK(blocks, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
+    if correction_bias is None:
+        values, local = op.TopK(blocks, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
+    else:  # the corrected scores choose the experts; the weights are the scores themselves
+        select = op.Reshape(op.Add(probs, op.Cast(correction_bias, to=FLOAT)),
+                            op.Concat(_ints(-1, num_groups), block, axis=0))
+        _, local = op.TopK(select, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
+        values = op.GatherElements(blocks, local, axis=-1)
     first_id = op.Mul(op.Reshape(_range(_ints(num_groups)), _ints(1, -1, 1)), block)
     ids = op.Reshape(op.Add(local, first_id), _ints(-1, top_k))
     values = op.Reshape(values, _ints(-1, top_k))
     if renormalize:
         values = op.Div(values, op.ReduceSum(values, _ints(-1), keepdims=1))
+    if routed_scaling != 1.0:
+        values = op.Mul(values, op.Constant(value_float=routed_scaling))
     flat = op.Reshape(ids, _ints(-1))
     count = op.Shape(flat)
     key = op.Add(op.Mul(flat, count), _range(count))

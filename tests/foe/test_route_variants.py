@@ -247,31 +247,39 @@ def test_backend_without_features_falls_back_and_keeps_the_default_call(monkeypa
 class SigmoidCorrectedRouter(torch.nn.Module):
     """Calls foe::sum_route_dispatch with DeepSeek-V3's routing: sigmoid scores, correction bias, scaling."""
 
-    def __init__(self, d=16, experts=8, groups=2, top_k=4):
+    def __init__(self, d=16, experts=8, groups=2, top_k=4, scoring="sigmoid", correction=True, renormalize=True):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.norm = torch.nn.Parameter(1 + 0.1 * torch.randn(d, generator=g))
         self.router = torch.nn.Parameter(torch.randn(experts, d, generator=g) / d ** 0.5)
         self.register_buffer("router_bias", 0.3 * torch.randn(experts, generator=g))
         self.register_buffer("correction", 0.2 * torch.randn(experts, generator=g))
-        self.groups, self.top_k = groups, top_k
+        self.groups, self.top_k, self.scoring, self.renormalize = groups, top_k, scoring, renormalize
+        self.use_correction = correction
 
     def forward(self, x):
         partials = torch.stack([x, 0.5 * x])
         r, xn, ids, w, pairs, offsets = torch.ops.foe.sum_route_dispatch(
-            x.unsqueeze(0), partials, self.norm, 1e-6, self.router, self.groups, self.top_k, True, "sigmoid",
-            self.router_bias, self.correction, 2.5)
+            x.unsqueeze(0), partials, self.norm, 1e-6, self.router, self.groups, self.top_k, self.renormalize,
+            self.scoring, self.router_bias, self.correction if self.use_correction else None, 2.5)
         return r, xn, ids, w, pairs, offsets
 
 
 @torch.no_grad()
-def test_onnx_sigmoid_correction_bias(tmp_path):
+@pytest.mark.parametrize("scoring,correction,renormalize", [("sigmoid", True, True), ("sqrtsoftplus", False, False),
+                                                            ("softmax", True, False)])
+def test_onnx_router_variants(tmp_path, scoring, correction, renormalize):
     ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
     from foe_compile.export.onnx_export import to_onnx
 
-    model = SigmoidCorrectedRouter().eval()
+    model = SigmoidCorrectedRouter(scoring=scoring, correction=correction, renormalize=renormalize).eval()
     x = torch.randn(9, 16, generator=torch.Generator().manual_seed(1))
     path = to_onnx(model, (x,), tmp_path / "route.onnx")
+    graph = onnx.load(path)
+    kinds = {n.op_type for n in graph.graph.node} | {n.op_type for f in graph.functions for n in f.node}
+    assert {"sigmoid": "Sigmoid", "sqrtsoftplus": "Softplus", "softmax": "Softmax"}[scoring] in kinds
+    assert ("GatherElements" in kinds) == correction
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for T in (9, 5):
         xt = torch.randn(T, 16, generator=torch.Generator().manual_seed(T))
