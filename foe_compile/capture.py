@@ -1,6 +1,13 @@
 """Capture: a model, decoder layer or Dynamo graph -> an ATen graph in pre-dispatch IR."""
 from __future__ import annotations
 
+import linecache
+import logging
+import os
+import sysconfig
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -9,6 +16,9 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+log = logging.getLogger(__name__)
 
 
 def aten_graph_from_dynamo(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphModule:
@@ -59,17 +69,147 @@ def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
     kwargs = kwargs or {}
     if callable(getattr(module, "graph_for", None)):  # generic.ConvertedGraph: the graph serving `args`
         module = module.graph_for(*args)
-    if not dynamic:
-        return torch.export.export(module, args, kwargs=kwargs, strict=False)
-    if not isinstance(module, Positional):
-        module = Positional(module, kwargs)
-    shapes = tuple({i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
-                   for a in args)
-    has_unit_dim = any(isinstance(a, torch.Tensor) and 1 in a.shape for a in args)
-    with fx_config.patch(backed_size_oblivious=has_unit_dim):
-        return torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)  # one spec: *args
+    try:
+        with exportable_experts(module):
+            if not dynamic:
+                return torch.export.export(module, args, kwargs=kwargs, strict=False)
+            if not isinstance(module, Positional):
+                module = Positional(module, kwargs)
+            shapes = tuple({i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor)
+                           else None for a in args)
+            has_unit_dim = any(isinstance(a, torch.Tensor) and 1 in a.shape for a in args)
+            with fx_config.patch(backed_size_oblivious=has_unit_dim):
+                return torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)  # one spec: *args
+    except Exception as err:  # re-raised unchanged unless it is a data-dependent guard
+        reason = data_dependent_reason(err)
+        if reason is None:
+            raise
+        raise CaptureRefused(reason) from err
 
 
 def capture_kwargs(model: nn.Module) -> dict:
     """Keyword arguments a capture passes: Hugging Face models run without their KV cache."""
     return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+
+# Experts implementations -----------------------------------------------------------------------
+#
+# transformers v5 experts classes decorated with @use_experts_implementation dispatch on
+# config._experts_implementation. Its "eager" forward loops over `expert_hit` (the experts some
+# token was routed to, from nonzero()): a Python loop whose trip count depends on the routing,
+# which torch.export cannot record. "grouped_mm" is transformers' implementation of the same
+# experts (same weights, gate, biases and combine) without data-dependent control flow. For the
+# capture only, eager experts run grouped_mm; the eager model (the user's setting, restored after
+# the capture) stays the reference that translation validation compares the capture against.
+
+def _dispatches_experts(module: nn.Module) -> bool:
+    """An experts module whose class @use_experts_implementation wrapped (it dispatches on its config)."""
+    return (hasattr(type(module), "_apply_gate") and hasattr(module, "is_concatenated")
+            and hasattr(type(module).forward, "__wrapped__") and getattr(module, "config", None) is not None)
+
+
+@contextmanager
+def exportable_experts(module: nn.Module) -> Iterator[list[str]]:
+    """Within the block, experts of `module` set to transformers' "eager" implementation use its
+    "grouped_mm" implementation instead (names of the switched experts classes are yielded)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:  # no transformers (or one without the experts interface): nothing dispatches
+        yield []
+        return
+    changed: list[tuple[Any, Any]] = []
+    names: list[str] = []
+    if "grouped_mm" in ALL_EXPERTS_FUNCTIONS:
+        for sub in module.modules():
+            config = getattr(sub, "config", None) if _dispatches_experts(sub) else None
+            if config is None or getattr(config, "_experts_implementation", None) != "eager":
+                continue
+            if not any(c is config for c, _ in changed):
+                changed.append((config, config._experts_implementation_internal))
+                config._experts_implementation_internal = "grouped_mm"
+            if type(sub).__name__ not in names:
+                names.append(type(sub).__name__)
+    if names:
+        log.info("capturing %s with transformers' grouped_mm experts implementation instead of eager "
+                 "(eager loops over the experts that were hit, which torch.export cannot record)", ", ".join(names))
+    try:
+        yield names
+    finally:
+        for config, previous in changed:
+            config._experts_implementation_internal = previous
+
+
+# Why a capture failed ----------------------------------------------------------------------------
+
+class CaptureRefused(ValueError):
+    """torch.export cannot capture the model because the model's Python code depends on tensor
+    values; the message says where (module, file:line, code), why, and what the user can do."""
+
+
+_TORCH_DIR = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+_OUR_DIR = os.path.realpath(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_STDLIB_DIRS = tuple(os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib"))
+
+
+def _is_model_code(filename: str) -> bool:
+    """Not torch's, foe_compile's or the standard library's (installed packages such as transformers are)."""
+    if filename.startswith("<"):
+        return False
+    path = os.path.realpath(filename)
+    installed = f"{os.sep}site-packages{os.sep}" in path or f"{os.sep}dist-packages{os.sep}" in path
+    return not (path.startswith((_TORCH_DIR, _OUR_DIR)) or (path.startswith(_STDLIB_DIRS) and not installed))
+
+
+def _short(filename: str) -> str:
+    """transformers/models/... (site-packages prefix dropped), else the path as given."""
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in filename:
+            return filename.rsplit(marker, 1)[1]
+    return filename
+
+
+def _data_dependent(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, GuardOnDataDependentSymNode) or "data-dependent" in str(err).split("\n", 1)[0]:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def data_dependent_reason(err: BaseException) -> str | None:
+    """One line naming the model code whose Python control flow depends on tensor values (the
+    innermost frame outside torch, the standard library and foe_compile where torch.export hit a
+    data-dependent guard), why torch.export cannot capture it, and what the user can do; None when
+    `err` is not a data-dependent guard."""
+    if not _data_dependent(err):
+        return None
+    stack = list(traceback.walk_tb(err.__traceback__))
+    model = [i for i, (f, _) in enumerate(stack) if _is_model_code(f.f_code.co_filename)]
+    if not model:
+        return None
+    i = model[-1]
+    frame, lineno = stack[i]
+    frames = [f for f, _ in stack]
+    code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+    owner = next((type(f.f_locals["self"]).__name__ for f in reversed(frames[:i + 1])
+                  if isinstance(f.f_locals.get("self"), nn.Module)), None)
+    where = (f"{owner or frame.f_code.co_name} ({_short(frame.f_code.co_filename)}:{lineno} in "
+             f"{frame.f_code.co_name}: `{code}`)")
+    if code.startswith("for ") or (code.startswith(("[", "(")) and " for " in code):
+        what = ("loops over a tensor whose length depends on tensor values (e.g. nonzero(): only the experts that "
+                "were hit)")
+        remedy = ("use a version of that module that loops over all experts (range(num_experts)) or uses grouped "
+                  "GEMMs (transformers' @use_experts_implementation experts: foe_compile captures their "
+                  "'grouped_mm' implementation automatically)")
+    elif code.startswith(("if ", "elif ", "while ", "assert ")) or " if " in code:
+        what = "branches in Python on a value computed from tensor values"
+        remedy = ("use a version of that module that computes both sides and selects with torch.where (or uses "
+                  "torch.cond)")
+    else:
+        what = ("uses a value computed from tensor values as a Python int (a slice bound, size or index, via .item(), "
+                "int() or a 0-d tensor)")
+        remedy = ("use a version of that module that keeps such values tensors (index_select / index_copy_ / grouped "
+                  "GEMMs instead of slices with data-dependent bounds)")
+    return f"{where} {what}, which torch.export cannot record in a graph; to convert the model, {remedy}"

@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from . import assignment
 from .calibration import agreement_sums, max_rel_error, rel_error
-from .capture import Positional, capture_kwargs, export_aten
+from .capture import CaptureRefused, Positional, capture_kwargs, export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
@@ -157,6 +157,8 @@ def _convert_at(source: nn.Module, name: str, config: FoEConfig, args: tuple) ->
     start = time.perf_counter()
     try:
         program = export_aten(source, args, dynamic=True)
+    except CaptureRefused as err:  # model code that depends on tensor values: the message says where and why
+        raise ValueError(f"torch.export cannot capture {name}: {err}") from err.__cause__
     except Exception as err:  # torch.export raises many types; the user needs what and why, not its internals
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

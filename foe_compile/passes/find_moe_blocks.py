@@ -14,9 +14,9 @@ from __future__ import annotations
 from torch import fx
 
 from .expert_forms import FORMS, refresh_grouped_mm_ops
-from .infra import PassResult, ancestors, aten, getitem_users, is_op, val
+from .infra import PassResult, ancestors, aten, getitem_users, is_op
 from .matches import MOE_KEY, UNTOUCHED_KEY, MoEMatch
-from .moe_router import match_router
+from .moe_router import is_pick_router, match_router, routing_size
 
 
 def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
@@ -26,7 +26,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
     refresh_grouped_mm_ops()
     matches, untouched = [], {}
     for node in gm.graph.nodes:
-        if is_op(node, aten.topk.default):
+        if is_op(node, aten.topk.default) or is_pick_router(node):  # moe_router.py: pick routers
             router = match_router(node)
             if router is None:
                 continue
@@ -47,9 +47,10 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
 def _match_experts(topk, linear, ids, weights, renormalize, graph_routing) -> MoEMatch | str:
     """The block's experts after a router; with graph routing (linear and weights None) the routing
     weights are whatever the experts are multiplied by, found from the experts' side."""
+    top_k, num_experts = routing_size(topk)  # an aten.topk or a pick router's ids (moe_router.py)
     common = dict(router_input=linear.args[0] if linear is not None else None,
                   router_weight=linear.args[1] if linear is not None else None, ids=ids, weights=weights,
-                  renormalize=renormalize, top_k=int(topk.args[1]), num_experts=val(topk.args[0]).shape[-1])
+                  renormalize=renormalize, top_k=top_k, num_experts=num_experts)
     reasons = []
     for matcher in FORMS:
         match = matcher(common)

@@ -36,9 +36,9 @@ def match_router(topk: fx.Node):
         picks = _pick_scores(topk)
         if picks is None:
             return None
-        return (topk, None, topk, None, False,
-                f"experts picked by {len(picks)} successive argmax over the router scores, not aten.topk (e.g. "
-                "PhiMoE's sparsemixer; foe::sum_route_dispatch computes softmax -> top-k)")
+        why = (f"experts picked by {len(picks)} successive argmax over the router scores, not aten.topk (e.g. "
+               "PhiMoE's sparsemixer; foe::sum_route_dispatch computes softmax -> top-k)")
+        return topk, None, topk, None, False, why
     if not isinstance(topk.args[1], int):
         return None  # a data-dependent k (a sparse-attention indexer's min(k, T)) is not a router's
     source = skip_pass_through(topk.args[0])
