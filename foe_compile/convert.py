@@ -17,6 +17,7 @@ from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import Family, family_of, is_supported_family
 from .generic import convert_generic
+from .hf_blocks import convert_blocks, moe_blocks, source_logits
 from .kernels.reference import expert_activation
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 from .serialization import is_converted, mark_converted
@@ -37,9 +38,12 @@ def convert(
     Returns a new model object and leaves `model` as it was; the new model's weights are views
     of the source's (zero-copy; a calibrated expert permutation copies the experts it moves).
     `inplace=True` converts `model` itself (no second module tree; for memory-tight callers).
-    Any other MoE model goes through the FX path (foe_compile/generic.py): captured with
-    torch.export on `calibration_inputs`, rewritten by the passes to the requested form,
-    returned as a ConvertedGraph (the source is never modified).
+    Any other Hugging Face MoE causal LM in exact mode keeps its class: its MoE blocks are
+    captured, rewritten and validated one by one (hf_blocks.py), so generate(), the KV cache and
+    save_pretrained stay the family's own. Any other model (and mode="foe" for those families)
+    goes through the FX path (foe_compile/generic.py): captured with torch.export on
+    `calibration_inputs`, rewritten by the passes to the requested form, returned as a
+    ConvertedGraph (the source is never modified).
 
     Every conversion is measured against the source (translation validation): on
     `calibration_inputs` when given, else on random token ids, and `report.exact` is true only
@@ -58,6 +62,9 @@ def convert(
     """
     config = (config or FoEConfig()).replace(**overrides)
     if not is_supported_family(model):
+        blocks = moe_blocks(model) if config.mode == "exact" and is_hf_causal_lm(model) else []
+        if blocks:
+            return convert_hf_blocks(model, config, calibration_inputs, inplace)
         return convert_generic(model, config, as_example_inputs(calibration_inputs))
     family = family_of(model)
     if is_converted(model):
@@ -78,6 +85,26 @@ def convert(
     report = build_report(target, family, shape, config, seconds, source, measured_on)
     if batches:
         report.calibration_tokens = sum(b.numel() for b in batches)
+    return target, report
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    return all(hasattr(model, attr) for attr in ("config", "generate", "get_input_embeddings"))
+
+
+def convert_hf_blocks(model: nn.Module, config: FoEConfig, calibration_inputs, inplace: bool):
+    """Exact mode for any other Hugging Face family: its MoE blocks rewritten in place (hf_blocks.py)."""
+    if is_converted(model):
+        raise ValueError(f"{type(model).__name__} is already converted; convert the source model instead")
+    batches = as_batches(calibration_inputs)
+    measured_on = batches or validation_batches(model)
+    if not measured_on:
+        raise ValueError(f"{type(model).__name__} is on the meta device: its MoE blocks are converted by capturing "
+                         "them on real hidden states; load real (or random) weights first")
+    want = source_logits(model, measured_on)
+    target = model if inplace else shared_copy(model)
+    report = convert_blocks(target, config, measured_on, want, moe_blocks(target))
+    report.calibration_tokens = sum(b.numel() for b in batches)
     return target, report
 
 

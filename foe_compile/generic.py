@@ -124,8 +124,9 @@ def _input_ranges(program: torch.export.ExportedProgram) -> list[list[tuple[int,
 
 
 @torch.no_grad()
-def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor]) -> tuple[ConvertedGraph, ConversionReport]:
-    name = type(model).__name__
+def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor],
+                    name: str | None = None) -> tuple[ConvertedGraph, ConversionReport]:
+    name = name or type(model).__name__
     if not example:
         raise ValueError(f"converting {name} through the FX path needs calibration_inputs (example inputs to capture)")
     source = Positional(model, capture_kwargs(model))  # the user calls the result with positional inputs only

@@ -36,11 +36,15 @@ _SECTION_KEYS = ("schema_version", "checksum")
 # Files save_pretrained writes for the weights; stale ones are removed when saving over a directory.
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
-_CONVERTED_CLASSES: dict[type, type] = {}
+_CONVERTED_CLASSES: dict[type, type] = {}  # source class -> its class with FoE layers (module level)
+BLOCK_CONVERTED_CLASSES: dict[type, type] = {}  # source class -> its class with converted blocks (hf_blocks.py)
 
 
 def source_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The converted model's weights reassembled under the source model's parameter names."""
+    """The converted model's weights reassembled under the source model's parameter names (a model
+    whose blocks were converted in place kept them: its own state_dict)."""
+    if type(model) in BLOCK_CONVERTED_CLASSES.values():
+        return model.state_dict()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
@@ -176,7 +180,7 @@ def publish_directory(staged: Path, target: Path) -> None:
         os.replace(p, target / p.name)
 
 
-def _save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+def save_source_layout(self, save_directory: str | os.PathLike, **kwargs) -> None:
     """save_pretrained of a converted model: source layout + config.foe (see module docstring)."""
     if "state_dict" in kwargs:
         raise ValueError("a converted model saves its own weights in the source layout; do not pass state_dict")
@@ -192,7 +196,7 @@ def _save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         base.save_pretrained(self, staged, state_dict=state, **kwargs)
 
 
-def _from_pretrained(cls, path: str | os.PathLike, *args, **kwargs) -> nn.Module:
+def load_converted(cls, path: str | os.PathLike, *args, **kwargs) -> nn.Module:
     from .convert import from_pretrained
 
     return from_pretrained(path, *args, **kwargs)
@@ -205,7 +209,7 @@ def mark_converted(model: nn.Module, config) -> None:
     if cls not in _CONVERTED_CLASSES:
         _CONVERTED_CLASSES[cls] = type(
             f"FoE{cls.__name__}", (cls,),
-            {"save_pretrained": _save_pretrained, "from_pretrained": classmethod(_from_pretrained),
+            {"save_pretrained": save_source_layout, "from_pretrained": classmethod(load_converted),
              "forward": converted_forward(cls), "__module__": __name__},
         )
     model.__class__ = _CONVERTED_CLASSES[cls]
@@ -214,4 +218,4 @@ def mark_converted(model: nn.Module, config) -> None:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return type(model) in _CONVERTED_CLASSES.values()
+    return type(model) in _CONVERTED_CLASSES.values() or type(model) in BLOCK_CONVERTED_CLASSES.values()

@@ -1,0 +1,86 @@
+"""Module-level exact conversion of Hugging Face families without FoE layer classes
+(hf_blocks.py): the MoE blocks are rewritten in place, the model keeps its class, attention,
+KV cache, generate(), optional outputs and save_pretrained. The sweep over every family is in
+test_families.py; these are the behaviours around it, on gpt-oss (router bias, clamped GLU
+with biases and interleaved gate/up columns: the hardest block of the zoo)."""
+import pytest
+import torch
+from foe_testing import EXACT_MAX_REL, max_rel
+
+import foe_compile
+from foe_compile import convert, hf_blocks, hf_zoo
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    model = hf_zoo.tiny_model("gpt_oss")
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    return model, converted, report
+
+
+@torch.no_grad()
+def test_blocks_are_rewritten_and_the_source_is_left_alone(gpt_oss):
+    model, converted, report = gpt_oss
+    assert report.exact and not report.untouched_blocks, report.to_table()
+    assert isinstance(converted, type(model)) and converted is not model
+    blocks = hf_blocks.moe_blocks(converted)
+    assert len(blocks) == model.config.num_hidden_layers
+    assert all("_foe_block_graph" in b.__dict__ for _, b in blocks)
+    assert not any("_foe_block_graph" in b.__dict__ for _, b in hf_blocks.moe_blocks(model))
+    assert converted.state_dict().keys() == model.state_dict().keys()  # same names, same tensors
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(converted.parameters(), model.parameters()))
+    ids = tokens(3, 4, seed=1)
+    assert max_rel(converted(ids).logits, model(ids).logits) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_save_and_load_round_trip(gpt_oss, tmp_path):
+    model, converted, _ = gpt_oss
+    converted.save_pretrained(tmp_path / "saved")
+    plain = type(model).from_pretrained(tmp_path / "saved")  # the source class reads the source layout
+    loaded = foe_compile.from_pretrained(tmp_path / "saved")
+    assert all("_foe_block_graph" in b.__dict__ for _, b in hf_blocks.moe_blocks(loaded))
+    ids = tokens(2, 5, seed=2)
+    assert max_rel(plain(ids).logits, model(ids).logits) == 0
+    assert max_rel(loaded(ids).logits, model(ids).logits) <= EXACT_MAX_REL
+
+
+@torch.no_grad()
+def test_router_logits_are_the_source_routers(gpt_oss):
+    """transformers records router logits with hooks on the router modules: such a call runs the
+    source blocks, so the logits (and the aux loss) are the source's."""
+    model, converted, _ = gpt_oss
+    ids = tokens(2, 5, seed=3)
+    want, got = model(ids, output_router_logits=True), converted(ids, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) > 0
+    assert all(torch.equal(g, w) for g, w in zip(got.router_logits, want.router_logits))
+    assert torch.equal(got.logits, want.logits)
+
+
+@torch.no_grad()
+def test_inplace_and_already_converted():
+    model = hf_zoo.tiny_model("gpt_oss")
+    want = model(tokens(1, 6)).logits
+    converted, report = convert(model, mode="exact", inplace=True)
+    assert converted is model and report.exact
+    assert max_rel(model(tokens(1, 6)).logits, want) <= EXACT_MAX_REL
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model, mode="exact")
+
+
+def test_blocks_are_found_by_structure():
+    """An `experts` submodule marks a block; a decoder layer holding experts inline (Gemma 4) is
+    not one, so that family takes the whole-model FX path."""
+    assert [name for name, _ in hf_blocks.moe_blocks(hf_zoo.tiny_model("nemotron_h"))] == ["model.layers.1.mixer"]
+    assert hf_blocks.moe_blocks(hf_zoo.tiny_model("gemma4_text")) == []
+
+
+@torch.no_grad()
+def test_blocks_that_cannot_be_captured_are_refused_once_with_the_reason():
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn, transformer\.blocks\.1\.ffn.*: torch.export cannot capture "
+                                         r"DbrxFFN.*expert_hit"):
+        convert(hf_zoo.tiny_model("dbrx"), mode="exact")
