@@ -33,7 +33,9 @@ def assign_experts(gm: fx.GraphModule, perms: list[list[int]] | None) -> PassRes
         if block.route is None or block.group_partials is None:
             raise ValueError(f"MoE block {i} was not fused and lowered; an expert assignment needs both")
         experts = block.group_partials
-        block.route.update_arg(4, _permuted(gm, block.route.args[4], perm, f"router_{i}"))
+        for arg, what in ((4, "router"), (9, "router_bias"), (10, "correction_bias")):
+            if len(block.route.args) > arg and block.route.args[arg] is not None:
+                block.route.update_arg(arg, _permuted(gm, block.route.args[arg], perm, f"{what}_{i}"))
         for arg, what in ((1, "gate_up"), (2, "down"), (9, "gate_up_bias"), (10, "down_bias")):
             if len(experts.args) > arg and experts.args[arg] is not None:
                 experts.update_arg(arg, _permuted(gm, experts.args[arg], perm, f"{what}_{i}"))

@@ -31,7 +31,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
             if router is None:
                 continue
             if isinstance(router, str):  # routing stays in the graph; the experts may still be lowered
-                router = (node, None, getitem_users(node)[1], None, False, router)
+                router = (node, None, getitem_users(node)[1], None, None, False, router)
             match = _match_experts(*router)
             if isinstance(match, str):
                 untouched[node] = ((router[1].args[1] if router[1] is not None else node).name, match)
@@ -44,7 +44,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
     return PassResult("find_moe_blocks", len(matches))
 
 
-def _match_experts(topk, linear, ids, weights, renormalize, graph_routing) -> MoEMatch | str:
+def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routing) -> MoEMatch | str:
     """The block's experts after a router; with graph routing (linear and weights None) the routing
     weights are whatever the experts are multiplied by, found from the experts' side."""
     top_k, num_experts = routing_size(topk)  # an aten.topk or a pick router's ids (moe_router.py)
@@ -55,14 +55,14 @@ def _match_experts(topk, linear, ids, weights, renormalize, graph_routing) -> Mo
     for matcher in FORMS:
         match = matcher(common)
         if isinstance(match, MoEMatch):
-            match.graph_routing = graph_routing
+            match.graph_routing, match.routing = graph_routing, variant or {}
             return match
         if match is not None:
             reasons.append(match)
     if linear is not None and not graph_routing:
         # The experts may be scaled by weights other than the router's (a routed scaling factor applied
         # after it): keep that routing in the graph and lower only the experts.
-        rerouted = _match_experts(topk, None, ids, None, False,
+        rerouted = _match_experts(topk, None, ids, None, None, False,
                                   "routing weights are changed after the router (e.g. a routed scaling factor)")
         if isinstance(rerouted, MoEMatch):
             return rerouted

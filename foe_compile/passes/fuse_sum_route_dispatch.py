@@ -4,7 +4,8 @@ by expert -> one foe::sum_route_dispatch.
 Matches, for every MoE block found by find_moe_blocks:
     x  = residual + o                   (o: attention output, or its per-group partials mean)
     xn = RMSNorm(x) * w                 (aten.rms_norm, or the Hugging Face fp32 decomposition)
-    ids, weights = topk(softmax(linear(xn, W_router)), k) [renormalised]
+    ids, weights = topk(score(linear(xn, W_router) [+ b]) [+ correction], k) [renormalised] [* scale]
+                                        (score: softmax, sigmoid or sqrt(softplus); moe_router.py)
 and rewrites it to one op. With quota_groups=1 (the exact form) routing is the source's global
 top-k and values are preserved up to summation order; with quota_groups=H (the FoE form only)
 each of H blocks of E/H experts picks its k/H. Bails out (no rewrite) when the block's input is
@@ -92,7 +93,9 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
     residual, o = (x.args[1], x.args[0]) if x.args[0] in partials_of else x.args
     g, d = gm.graph, val(x).shape[-1]
     anchor = x.next
-    _hoist([weight, m.router_weight], before=anchor)
+    variant = m.routing or {"scoring": "softmax", "router_bias": None, "correction_bias": None, "routed_scaling": 1.0}
+    _hoist([weight, m.router_weight] + [b for b in (variant["router_bias"], variant["correction_bias"]) if b is not None],
+           before=anchor)
     with g.inserting_before(anchor):
         res = g.call_function(aten.reshape.default, (residual, [1, -1, d]))
         if o in partials_of:
@@ -100,8 +103,10 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
             parts = g.call_function(aten.reshape.default, (parts, [val(parts).shape[0], -1, d]))
         else:
             parts = g.call_function(aten.reshape.default, (o, [1, -1, d]))
-        fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,
-                                (res, parts, weight, eps, m.router_weight, quota_groups, m.top_k, m.renormalize))
+        fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,  # every schema argument, by position
+                                (res, parts, weight, eps, m.router_weight, quota_groups, m.top_k, m.renormalize,
+                                 variant["scoring"], variant["router_bias"], variant["correction_bias"],
+                                 variant["routed_scaling"]))
         r, xn, ids, weights = (g.call_function(operator.getitem, (fused, i)) for i in range(4))
         r = g.call_function(aten.reshape.default, (r, shape_args(g, val(x).shape)))
         xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (

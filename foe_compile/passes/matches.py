@@ -45,6 +45,8 @@ class MoEMatch:
     # grouped top-k...): the routing then stays in the graph as written and only the experts are
     # lowered (exact form); the FoE form, which needs quota routing in the fused op, is refused.
     graph_routing: str | None = None
+    # The fused op's routing variant (scoring, router_bias, correction_bias, routed_scaling: moe_router.py)
+    routing: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -24,21 +24,23 @@ def is_last_dim(node: fx.Node, dim) -> bool:
 
 
 def match_router(topk: fx.Node):
-    """(topk, linear, ids, weights, renormalize, None) for a router foe::sum_route_dispatch computes
-    exactly; a reason (str) for a router it cannot; None when `topk` is not a router's.
+    """(topk, linear, ids, weights, variant, renormalize, None) for a router foe::sum_route_dispatch
+    computes exactly; a reason (str) for a router it cannot; None when `topk` is not a router's.
 
-    Two orders are exact: topk(softmax(linear(x))) [v / v.sum(-1)], and softmax(topk(linear(x)))
-    (Mixtral's spelling: a softmax over the k picked logits is the renormalised softmax).
+    Exact: topk(score(linear(x) [+ b]) [+ correction]) with score softmax, sigmoid or sqrt(softplus),
+    weights the scores at the picks [/ their sum] [* a constant]; and softmax(topk(linear(x))) (Mixtral's
+    spelling: a softmax over the k picked logits is the renormalised softmax). `variant` holds the
+    op's scoring, router_bias, correction_bias and routed_scaling arguments.
 
     `topk` may also be the expert ids of a router picking by successive argmax (is_pick_router):
-    then (ids, None, ids, None, False, reason): the routing stays in the graph."""
+    then (ids, None, ids, None, None, False, reason): the routing stays in the graph."""
     if not is_op(topk, aten.topk.default):
         picks = _pick_scores(topk)
         if picks is None:
             return None
         why = (f"experts picked by {len(picks)} successive argmax over the router scores, not aten.topk (e.g. "
                "PhiMoE's sparsemixer; foe::sum_route_dispatch computes softmax -> top-k)")
-        return topk, None, topk, None, False, why
+        return topk, None, topk, None, None, False, why
     if not isinstance(topk.args[1], int):
         return None  # a data-dependent k (a sparse-attention indexer's min(k, T)) is not a router's
     source = skip_pass_through(topk.args[0])
@@ -47,6 +49,10 @@ def match_router(topk: fx.Node):
     outs = getitem_users(topk)
     if 1 not in outs:
         return None
+    correction, scores = _correction(source)
+    scored = _scoring(scores)
+    if scored is not None and (scored[0] != "softmax" or correction is not None):
+        return _variant_router(topk, outs, scores, *scored, correction, dim, largest)
     if is_op(source, aten.softmax.int, aten._softmax.default):
         linear, order = skip_pass_through(source.args[0]), "softmax_topk"
         if not is_last_dim(source, source.args[1]):
@@ -59,13 +65,12 @@ def match_router(topk: fx.Node):
         return None
     if not is_last_dim(topk.args[0], dim) or largest is False:
         return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
-    if len(linear.args) > 2 and linear.args[2] is not None:
-        return f"router {linear.name} has a bias (foe::sum_route_dispatch's router is bias-free)"
+    variant = {"scoring": "softmax", "router_bias": _bias(linear), "correction_bias": None, "routed_scaling": 1.0}
     if order == "softmax_topk":
         if 0 not in outs:
             return None
         weights, renormalize = _routing_weights(outs[0])
-        return topk, linear, outs[1], weights, renormalize, None
+        return topk, linear, outs[1], *_scaled(weights, variant), renormalize, None
     picked = outs[0].users if 0 in outs else []
     softmaxes = [u for u in picked if is_op(u, aten.softmax.int, aten._softmax.default)]
     if len(softmaxes) != 1 or not is_last_dim(softmaxes[0], softmaxes[0].args[1]):
@@ -73,7 +78,69 @@ def match_router(topk: fx.Node):
     weights = softmaxes[0]
     while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default, aten.type_as.default):
         weights = nxt
-    return topk, linear, outs[1], weights, True, None
+    return topk, linear, outs[1], *_scaled(weights, variant), True, None
+
+
+def _bias(linear: fx.Node) -> fx.Node | None:
+    return linear.args[2] if len(linear.args) > 2 else None
+
+
+def _correction(source: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """(correction bias [E], scores) when the top-k reads scores + a bias that only selects (DeepSeek-V3's
+    e_score_correction_bias: a weight, not computed from the tokens); else (None, source)."""
+    if is_op(source, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in source.args):
+        for scores, bias in (source.args, source.args[::-1]):
+            if bias.op in ("get_attr", "placeholder") and val(bias).dim() == 1 and \
+                    val(bias).shape[0] == val(source).shape[-1]:
+                return bias, skip_pass_through(scores)
+    return None, source
+
+
+def _scoring(scores: fx.Node) -> tuple[str, fx.Node] | None:
+    """(scoring, router linear) for softmax / sigmoid / sqrt(softplus) over the last dim of a linear."""
+    if is_op(scores, aten.softmax.int, aten._softmax.default) and is_last_dim(scores, scores.args[1]):
+        kind, logits = "softmax", scores.args[0]
+    elif is_op(scores, aten.sigmoid.default):
+        kind, logits = "sigmoid", scores.args[0]
+    elif is_op(scores, aten.sqrt.default) and is_op(scores.args[0], aten.softplus.default) and \
+            tuple(scores.args[0].args[1:]) in ((), (1,), (1, 20)):
+        kind, logits = "sqrtsoftplus", scores.args[0].args[0]
+    else:
+        return None
+    linear = skip_pass_through(logits)
+    return (kind, linear) if is_op(linear, aten.linear.default) else None
+
+
+def _variant_router(topk, outs, scores, scoring, linear, correction, dim, largest):
+    """A router with sigmoid / sqrt-softplus scoring or a selection-only correction bias: the weights
+    are the scores at the picks (the top-k values when nothing corrects them), optionally
+    renormalised and scaled by a constant."""
+    if not is_last_dim(topk.args[0], dim) or largest is False:
+        return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
+    if correction is None:
+        if 0 not in outs:
+            return None
+        picked = outs[0]
+    else:
+        gathers = [u for u in users(scores, aten.gather.default) if u.args[2] is outs[1] and is_last_dim(u, u.args[1])]
+        if len(gathers) != 1:
+            return (f"router {linear.name}: top-k on bias-corrected scores whose weights are not the scores at the "
+                    "picks (foe::sum_route_dispatch weights the picks by their uncorrected scores)")
+        picked = gathers[0]
+    weights, renormalize = _routing_weights(picked)
+    variant = {"scoring": scoring, "router_bias": _bias(linear), "correction_bias": correction, "routed_scaling": 1.0}
+    return topk, linear, outs[1], *_scaled(weights, variant), renormalize, None
+
+
+def _scaled(weights: fx.Node, variant: dict) -> tuple[fx.Node, dict]:
+    """(weights, variant) after an optional multiplication by a constant (a routed scaling factor)."""
+    nxt = only_user(weights)
+    if is_op(nxt, aten.mul.Tensor) and any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in nxt.args):
+        factor = next(a for a in nxt.args if isinstance(a, (int, float)))
+        weights, variant = nxt, {**variant, "routed_scaling": float(factor)}
+        while (cast := only_user(weights)) is not None and is_op(cast, aten.to.dtype, aten._to_copy.default):
+            weights = cast
+    return weights, variant
 
 
 def _other_router(scores: fx.Node) -> str | None:

@@ -264,14 +264,43 @@ class SmallestTopk(WhereIndexAdd):
         return torch.topk(F.softmax(self.router(x), dim=-1), self.top_k, dim=-1, largest=False)
 
 
+class CorrectedSigmoid(WhereIndexAdd):
+    """DeepSeek-V3's routing without groups: sigmoid scores, a selection-only correction bias, weights
+    the uncorrected scores at the picks, renormalised, times a routed scaling factor."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.correction = nn.Parameter(torch.randn(num_experts) * 0.1)
+
+    def route(self, x):
+        scores = torch.sigmoid(self.router(x).float())
+        ids = torch.topk(scores + self.correction, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
+        return weights / weights.sum(-1, keepdim=True) * 1.5, ids
+
+
+class GroupLimited(WhereIndexAdd):
+    """Group-limited top-k (DeepSeek-V2's greedy groups): only experts of the best half compete."""
+
+    def route(self, x):
+        scores = F.softmax(self.router(x), dim=-1)
+        groups = scores.view(*scores.shape[:-1], 2, -1)
+        best = groups.max(-1).values.argmax(-1, keepdim=True)
+        mask = torch.zeros_like(groups[..., 0]).scatter(-1, best, 1.0).unsqueeze(-1).expand_as(groups)
+        weights, ids = torch.topk(scores.masked_fill(mask.reshape(scores.shape) == 0, 0.0), self.top_k, dim=-1)
+        return weights, ids
+
+
+# Routing variants foe::sum_route_dispatch computes (scoring, router bias, correction bias, routed
+# scaling): fused, in both forms.
+FUSED_VARIANTS = [SigmoidRouter, BiasedRouter, ScaledCombine, CorrectedSigmoid]
+
 # Routing foe::sum_route_dispatch does not compute: the routing stays as written and only the
 # experts are lowered (exact form); the FoE form, which needs quota routing in the fused op, refuses.
 # (class, a fragment of the reason the report gives)
 GRAPH_ROUTED = [
-    (SigmoidRouter, "sigmoid"),
-    (BiasedRouter, "has a bias"),
-    (ScaledCombine, "routed scaling factor"),
     (SmallestTopk, "largest=False"),
+    (GroupLimited, "masked_fill"),
 ]
 
 # Expert computations foe::experts_swiglu does not express: left as written, with the reason.

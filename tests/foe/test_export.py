@@ -56,25 +56,27 @@ def test_onnx_of_a_user_model_through_the_fx_path(tmp_path):
 
 @torch.no_grad()
 def test_onnx_of_a_graph_routed_block(tmp_path):
-    """A sigmoid router stays in the graph as written and its experts are lowered: the grouping
+    """A group-limited router stays in the graph as written and its experts are lowered: the grouping
     lower_experts adds (group_by_expert) must translate to ONNX too."""
-    from handwritten_moes import SigmoidRouter
+    from handwritten_moes import GroupLimited
 
     torch.manual_seed(0)
-    model = UserMoETransformer(SigmoidRouter, experts=4, top_k=2).eval()
+    model = UserMoETransformer(GroupLimited, experts=4, top_k=2).eval()
     graph, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
     assert report.exact and all("routing left as written" in " ".join(layer.notes) for layer in report.layers)
-    path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / "sigmoid.onnx")
+    path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / "group_limited.onnx")
     for batch, length in SHAPES:
         ids = tokens(batch, length, seed=length, vocab=96)
         assert max_rel(run_onnx(path, ids), model(ids)) <= EXACT_MAX_REL
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("unit", ["GeluGated", "BiasedExperts", "Relu2Experts", "ClampedGLUExperts"])
+@pytest.mark.parametrize("unit", ["GeluGated", "BiasedExperts", "Relu2Experts", "ClampedGLUExperts", "CorrectedSigmoid",
+                                  "BiasedRouter"])
 def test_onnx_of_every_expert_unit(tmp_path, unit):
     """The ONNX lowering of foe::experts_swiglu spells out each unit (GELU erf, biases, ReLU², the
-    clamped GLU with alpha, limit and up offset, gate/up reordered from interleaved columns)."""
+    clamped GLU with alpha, limit and up offset, gate/up reordered from interleaved columns), and
+    that of foe::sum_route_dispatch each routing variant (sigmoid + correction bias + scaling, router bias)."""
     import handwritten_moes
 
     torch.manual_seed(0)

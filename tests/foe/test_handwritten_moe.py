@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS
+from handwritten_moes import FUSED_VARIANTS, GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS
 from user_models import UserMoETransformer
 
 from foe_compile import convert
@@ -70,6 +70,23 @@ def test_supported_forms_build_the_foe_form(moe_cls):
     converted, report = convert(model, mode="foe", calibration_inputs=tokens(2, 7))
     assert report.num_groups == 2 and not report.exact and report.structurally_exact is False
     assert converted(tokens(1, 5)).shape == (1, 5, VOCAB)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("moe_cls", FUSED_VARIANTS, ids=lambda c: c.__name__)
+def test_routing_variants_are_fused_in_both_forms(moe_cls):
+    """Sigmoid scores, a router bias, a correction bias and a routed scaling factor are arguments of
+    foe::sum_route_dispatch: fused and exact in exact mode, quota-routed in the FoE form."""
+    model = model_with(moe_cls)
+    ids = tokens(2, 7)
+    converted, report = convert(model, mode="exact", calibration_inputs=ids)
+    assert report.exact and not report.untouched_blocks, report.to_table()
+    assert sum("sum_route_dispatch" in str(n.target) for n in converted.graph.nodes) == 2
+    for batch, length in [(1, 5), (3, 4)]:
+        x = tokens(batch, length, seed=length)
+        assert max_rel(converted(x), model(x)) <= EXACT_MAX_REL
+    foe, report = convert(model, mode="foe", calibration_inputs=ids)
+    assert report.num_groups == 2 and not report.exact and foe(tokens(1, 5)).shape == (1, 5, VOCAB)
 
 
 @torch.no_grad()
