@@ -12,7 +12,7 @@ import operator
 import torch
 from torch import fx
 
-from .infra import ancestors, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
+from .infra import PASS_THROUGH, ancestors, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
 
 # torch.export records a `with torch.no_grad():` region as this higher-order op over a submodule.
 _GRAD_REGION = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
@@ -90,7 +90,10 @@ def _correction(source: fx.Node) -> tuple[fx.Node | None, fx.Node]:
     e_score_correction_bias: a weight, not computed from the tokens); else (None, source)."""
     if is_op(source, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in source.args):
         for scores, bias in (source.args, source.args[::-1]):
-            if bias.op in ("get_attr", "placeholder") and val(bias).dim() == 1 and \
+            stored = bias
+            while is_op(stored, aten.squeeze.default, aten.squeeze.dim, aten.unsqueeze.default, *PASS_THROUGH):
+                stored = stored.args[0]  # Ernie 4.5 keeps it [1, E] and squeezes it
+            if stored.op in ("get_attr", "placeholder") and val(bias).dim() == 1 and \
                     val(bias).shape[0] == val(source).shape[-1]:
                 return bias, skip_pass_through(scores)
     return None, source
@@ -195,9 +198,11 @@ def _pick_scores(node: fx.Node) -> list[fx.Node] | None:
     if not scores or any(s is None for s in scores):
         return None
     ids = val(node)
-    sizes = {val(s).shape[-1] for s in scores if "val" in s.meta}
-    if (ids.is_floating_point() or ids.dim() < 2 or ids.shape[-1] != len(scores) or len(sizes) != 1
-            or not isinstance(next(iter(sizes)), int) or next(iter(sizes)) < 2):
+    sizes = [val(s).shape[-1] for s in scores if "val" in s.meta]
+    if not sizes or not all(isinstance(size, int) for size in sizes):  # symbolic sizes are not hashable
+        return None
+    if (ids.is_floating_point() or ids.dim() < 2 or ids.shape[-1] != len(scores) or len(set(sizes)) != 1
+            or sizes[0] < 2):
         return None
     if not any(is_op(a, aten.linear.default) for a in ancestors(node)):
         return None

@@ -94,7 +94,7 @@ FOE: dict[str, str | None] = {
     "deepseek_v3": "FoE form",
     "glm4_moe": "FoE form",
     "granitemoehybrid": "FoE form",
-    "minimax_m2": "FoE form",
+    "minimax_m2": None,  # sigmoid scores + correction bias: fused, quota-routed
     "qwen3_next": "FoE form",
     "qwen3_5_moe_text": "FoE form",
     "ernie4_5_moe": "FoE form",
