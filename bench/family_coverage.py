@@ -104,8 +104,9 @@ def _run(model, ids):
 def _foe_op_counts(model) -> dict[str, int]:
     """foe:: op calls in the returned graph(s) (FX path) or foe modules (module path)."""
     counts: dict[str, int] = {}
-    graphs = getattr(model, "graphs", None) or ([model] if hasattr(model, "graph") else [])
-    for gm in graphs[:1]:
+    whole = getattr(model, "graphs", None) or ([model] if hasattr(model, "graph") else [])
+    graphs = whole[:1] or _block_graphs(model)
+    for gm in graphs:
         for node in gm.graph.nodes:
             name = str(node.target)
             if "foe" in name:
@@ -116,6 +117,21 @@ def _foe_op_counts(model) -> dict[str, int]:
             if type(module).__name__.startswith("FoE"):
                 counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     return counts
+
+
+def _block_graphs(model) -> list:
+    """The first graph of each MoE block a module-level exact conversion rewrote (hf_blocks.py)."""
+    from foe_compile import hf_blocks
+    return [block.__dict__["_foe_block_graph"].graph.graph_module for _, block in hf_blocks.moe_blocks(model)
+            if "_foe_block_graph" in block.__dict__]
+
+
+def _path(converted) -> str:
+    """fx (whole-model graph), blocks (the model with its MoE blocks rewritten) or module (FoE layer classes)."""
+    from transformers import PreTrainedModel
+    if not isinstance(converted, PreTrainedModel):
+        return "fx"
+    return "blocks" if _block_graphs(converted) else "module"
 
 
 def _write(record: dict, path: str) -> None:
@@ -129,7 +145,6 @@ def measure_family(model_type: str, record_path: str, attempt_timeout: int) -> N
     """Fill and keep writing one family's record (so a crash still leaves what was measured)."""
     import torch
     import transformers
-    from transformers import PreTrainedModel
 
     import foe_compile
     from foe_compile import convert, hf_zoo
@@ -169,7 +184,7 @@ def measure_family(model_type: str, record_path: str, attempt_timeout: int) -> N
         try:
             _alarm(attempt_timeout)
             converted, report = convert(copy.deepcopy(model), mode=mode, calibration_inputs=ids["2x7"])
-            att.update(path="module" if isinstance(converted, PreTrainedModel) else "fx",
+            att.update(path=_path(converted),
                        returned_type=type(converted).__name__, report_exact=bool(report.exact),
                        report_structurally_exact=getattr(report, "structurally_exact", None),
                        report_validation_error=getattr(report, "validation_error", None),
@@ -286,7 +301,13 @@ CATEGORIES = [
     (r"int\(\) argument must be .* not 'Node'", "pass bug: int() on a graph Node (a symbolic size)"),
     (r"no MoE block found|no router \(linear -> top-k\) found",
      "matcher: no MoE block found (no linear -> top-k router)"),
-    (r"expert unit computes (\S+)", "expert lowering: activation is not silu(gate) * up"),
+    (r"expert unit computes (\S+)", "expert unit: none of foe::experts_swiglu's units"),
+    (r"successive argmax", "router matcher: successive argmax picks (routing stays in the graph)"),
+    (r"called with tensor keyword arguments", "module level: the block is called with tensor keyword arguments"),
+    (r"routing weights are changed after the router",
+     "router matcher: weights changed after the router (e.g. an eps in the renormalisation)"),
+    (r"depends on tensor values|computed from tensor values",
+     "capture (torch.export): data-dependent control flow in the model code"),
     (r"matches none of the supported forms", "expert matcher: unsupported expert computation"),
     (r"scaled by something other than the routing weights",
      "expert matcher: expert outputs scaled beyond the routing weights (routed scaling factor)"),
@@ -340,7 +361,7 @@ def _cell(att: dict | None) -> str:
     e, good = att["errors"], att["max_error"] <= EXACT_TOL
     text = (f"{'✔' if good else '≈'} {att['path']}, {_fmt_err(e['2x7'])} / {_fmt_err(e['1x5'])}; "
             f"report: {report_label(att)}")
-    if att["path"] == "fx":
+    if att["path"] in ("fx", "blocks"):
         ops = att.get("foe_ops") or {}
         text += f"; fused route {ops.get('sum_route_dispatch', 0)}, experts {ops.get('experts_swiglu', 0)}"
         listed = (att.get("report_moe_layers") or 0) + (att.get("report_untouched_blocks") or 0)
@@ -436,7 +457,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     checks = [
         (f"{r['model_type']} ({mode}): {a['foe_ops'].get('experts_swiglu')} expert blocks lowered, but the report "
          f"lists {a['report_moe_layers']} MoE layer(s) (+{a['report_untouched_blocks']} left as written)")
-        for r in rows for mode, a in r.get("attempts", {}).items() if a.get("status") == "ok" and a.get("path") == "fx"
+        for r in rows for mode, a in r.get("attempts", {}).items()
+        if a.get("status") == "ok" and a.get("path") in ("fx", "blocks")
         and (a.get("foe_ops") or {}).get("experts_swiglu", 0) > a["report_moe_layers"] + a["report_untouched_blocks"]
     ] + [f"{r['model_type']}: the source model changed while its copies were converted"
          for r in rows if r.get("source_unchanged") is False]

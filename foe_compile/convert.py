@@ -63,9 +63,15 @@ def convert(
     config = (config or FoEConfig()).replace(**overrides)
     if not is_supported_family(model):
         blocks = moe_blocks(model) if config.mode == "exact" and is_hf_causal_lm(model) else []
-        if blocks:
+        if not blocks:
+            return convert_generic(model, config, as_example_inputs(calibration_inputs))
+        try:
             return convert_hf_blocks(model, config, calibration_inputs, inplace)
-        return convert_generic(model, config, as_example_inputs(calibration_inputs))
+        except ValueError as block_error:  # no block alone can be rewritten: try the model as one graph
+            try:
+                return convert_generic(model, config, as_example_inputs(calibration_inputs) or validation_batches(model))
+            except ValueError as fx_error:
+                raise ValueError(f"{block_error}; and as one graph (FX path): {fx_error}") from fx_error
     family = family_of(model)
     if is_converted(model):
         raise ValueError(f"{type(model).__name__} is already converted; convert the source model instead")

@@ -55,27 +55,38 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class SourceBlock(nn.Module):
     """What is captured for a block (also when a new shape class is captured after conversion): the
-    block's source forward, with the keyword arguments of its calibration call baked in."""
+    block's source forward, taking its positional tensors then its tensor keyword arguments (in
+    `tensor_keys` order) by position, with its other keyword arguments baked in."""
 
-    def __init__(self, block: nn.Module, source_cls: type, kwargs: dict) -> None:
+    def __init__(self, block: nn.Module, source_cls: type, num_args: int, tensor_keys: list[str], fixed: dict) -> None:
         super().__init__()
-        self.block, self.source_cls, self.kwargs = block, source_cls, kwargs
+        self.block, self.source_cls, self.fixed = block, source_cls, fixed
+        self.num_args, self.tensor_keys = num_args, tensor_keys
 
-    def forward(self, *args):
-        return self.source_cls.forward(self.block, *args, **self.kwargs)
+    def forward(self, *inputs):
+        keyed = dict(zip(self.tensor_keys, inputs[self.num_args:]))
+        return self.source_cls.forward(self.block, *inputs[:self.num_args], **keyed, **self.fixed)
 
 
 class BlockGraph:
     """What a converted block serves its calls from: the rewritten graph, for calls made the way the
-    calibration call was (tensors by position, the same other keyword arguments)."""
+    calibration call was (the same number of positional tensors, tensors for the same keywords, the
+    same other keyword arguments)."""
 
-    def __init__(self, graph: ConvertedGraph, kwargs: dict) -> None:
-        self.graph, self.kwargs = graph, kwargs
+    def __init__(self, graph: ConvertedGraph, num_args: int, tensor_keys: list[str], fixed: dict) -> None:
+        self.graph, self.num_args, self.tensor_keys, self.fixed = graph, num_args, tensor_keys, fixed
 
-    def serves(self, args: tuple, kwargs: dict) -> bool:
-        return (not _source_blocks_only.get() and all(isinstance(a, Tensor) for a in args)
-                and kwargs.keys() == self.kwargs.keys() and all(kwargs[k] is v or kwargs[k] == v
-                                                                for k, v in self.kwargs.items()))
+    def inputs(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The graph's inputs for this call, or None when the graph does not serve it."""
+        if _source_blocks_only.get() or len(args) != self.num_args or not all(isinstance(a, Tensor) for a in args):
+            return None
+        if kwargs.keys() != {*self.tensor_keys, *self.fixed}:
+            return None
+        if not all(isinstance(kwargs[k], Tensor) for k in self.tensor_keys):
+            return None
+        if not all(kwargs[k] is v or kwargs[k] == v for k, v in self.fixed.items()):
+            return None
+        return (*args, *(kwargs[k] for k in self.tensor_keys))
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -86,8 +97,9 @@ def converted_block_class(cls: type) -> type:
     if cls not in _BLOCK_CLASSES:
         def forward(self, *args, **kwargs):
             served: BlockGraph | None = self.__dict__.get("_foe_block_graph")
-            if served is not None and served.serves(args, kwargs):
-                return served.graph(*args)
+            inputs = served.inputs(args, kwargs) if served is not None else None
+            if inputs is not None:
+                return served.graph(*inputs)
             return cls.forward(self, *args, **kwargs)
 
         _BLOCK_CLASSES[cls] = type(f"Converted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
@@ -123,18 +135,21 @@ def convert_blocks(target: nn.Module, config: FoEConfig, batches: list[Tensor], 
             untouched.append(f"{name}: never called on the calibration inputs")
             continue
         args, kwargs = inputs[name]
-        tensor_kwargs = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
-        if tensor_kwargs or not all(isinstance(a, Tensor) for a in args):
-            untouched.append(f"{name}: called with tensor keyword arguments {tensor_kwargs} or non-tensor inputs")
+        if not all(isinstance(a, Tensor) for a in args):
+            untouched.append(f"{name}: called with non-tensor positional inputs")
             continue
+        tensor_keys = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
+        fixed = {k: v for k, v in kwargs.items() if k not in tensor_keys}
+        captured = SourceBlock(block, type(block), len(args), tensor_keys, fixed)
         try:
-            graph, report = convert_generic(SourceBlock(block, type(block), kwargs), config.replace(num_groups=1),
-                                            list(args), name=type(block).__name__)
+            graph, report = convert_generic(captured, config.replace(num_groups=1),
+                                            [*args, *(kwargs[k] for k in tensor_keys)], name=type(block).__name__)
         except ValueError as err:
             untouched.append(f"{name}: {str(err).splitlines()[0]}")
             continue
         block.__class__ = converted_block_class(type(block))
-        block.__dict__["_foe_block_graph"] = BlockGraph(graph, kwargs)  # not a submodule: state_dict unchanged
+        # Not a submodule, so state_dict() is unchanged.
+        block.__dict__["_foe_block_graph"] = BlockGraph(graph, len(args), tensor_keys, fixed)
         block_reports.append(report)
         untouched += [f"{name}: {why}" for why in report.untouched_blocks]
         layers += [LayerReport(index, "moe", exact=layer.exact, reasons=layer.reasons,
@@ -169,12 +184,14 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 def _block_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], ids: Tensor) -> dict[str, tuple]:
-    """Each block's (args, kwargs) on its first call while `model` runs on `ids` (no KV cache)."""
+    """Each block's (args, kwargs) on its first call while `model` runs on `ids` (no KV cache); tensors
+    are cloned (the captures must not see later in-place updates)."""
     seen: dict[str, tuple] = {}
 
     def record(name):
         def hook(_module, args, kwargs):
-            seen.setdefault(name, (tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args), dict(kwargs)))
+            clone = lambda v: v.detach().clone() if isinstance(v, Tensor) else v  # noqa: E731
+            seen.setdefault(name, (tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
         return hook
 
     handles = [module.register_forward_pre_hook(record(name), with_kwargs=True) for name, module in blocks]

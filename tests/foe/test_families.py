@@ -31,6 +31,7 @@ EXACT: dict[str, str | None] = {
     "ernie4_5_moe": None,
     "jamba": None,
     "granitemoe": None,
+    "deepseek_v4": None,  # blocks called with input_ids (hash routing: left as written), clamped SwiGLU
     "gpt_oss": None,  # clamped SwiGLU (alpha, limit, up + 1), interleaved gate/up, biases, router bias
     "llama4_text": "matches none of the supported forms",  # routing weight scales the expert input
     "nemotron_h": None,  # ungated ReLU^2 experts
