@@ -96,6 +96,7 @@ FOE: dict[str, str | None] = {
     "glm4_moe": "FoE form",
     "granitemoehybrid": "FoE form",
     "minimax_m2": None,  # sigmoid scores + correction bias: fused, quota-routed
+    "gpt_oss": None,  # eager attention with sinks, router bias, clamped GLU experts
     "qwen3_next": "FoE form",
     "qwen3_5_moe_text": "FoE form",
     "ernie4_5_moe": "FoE form",

@@ -311,3 +311,26 @@ def test_backend_recompiles_for_new_lengths(mode):
         assert max_rel(compiled(ids, use_cache=False).logits, expected) <= EXACT_MAX_REL
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # length 5, then any length
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_eager_attention_gets_the_same_foe_form_as_sdpa():
+    """Eager attention (matmul, softmax, matmul: what gpt-oss's sinks and several sliding-window
+    families use) is recognised like SDPA: the FoE forms of one model under the two attention
+    implementations agree to fp32 rounding, and the SDPA one equals the module-level form
+    (test above)."""
+    source = builtin_model("qwen3-moe-tiny")
+    forms = []
+    for implementation in ("sdpa", "eager"):
+        model = copy.deepcopy(source)
+        model.config._attn_implementation = implementation
+        for layer in model.model.layers:
+            layer.self_attn.config._attn_implementation = implementation
+        converted, report = convert_generic(model, FoEConfig(mode="foe"), [tokens(2, 7)])
+        assert report.num_groups > 1
+        ops = [str(n.target) for n in converted.graph.nodes]
+        assert any("scaled_dot_product" in op for op in ops) == (implementation == "sdpa")
+        forms.append(converted)
+    ids = tokens(3, 5, seed=4)
+    sdpa, eager = (form(ids).logits for form in forms)
+    assert max_rel(eager, sdpa) <= EXACT_MAX_REL
