@@ -73,18 +73,39 @@ class BlockGraph:
     calibration call was (the same number of positional tensors, tensors for the same keywords, the
     same other keyword arguments)."""
 
-    def __init__(self, graph: ConvertedGraph, num_args: int, tensor_keys: list[str], fixed: dict) -> None:
+    def __init__(self, graph: ConvertedGraph, block: nn.Module, example: Tensor, num_args: int,
+                 tensor_keys: list[str], fixed: dict) -> None:
         self.graph, self.num_args, self.tensor_keys, self.fixed = graph, num_args, tensor_keys, fixed
+        # The graph bakes in the dtypes and device it was captured with: after model.to(...) the block
+        # runs its source forward (logged once) until it is converted again.
+        self.weight = next(block.parameters())
+        self.captured = (example.dtype, example.device, self.weight.dtype, self.weight.device)
+        self.warned = False
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a model whose MoE blocks were converted cannot be deep-copied (its graphs hold the weights); "
+                        "deep-copy the source model and convert the copy")
+
+    def __reduce__(self):
+        raise TypeError("a model whose MoE blocks were converted cannot be pickled; save it with save_pretrained() "
+                        "and load it with foe_compile.from_pretrained()")
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple | None:
         """The graph's inputs for this call, or None when the graph does not serve it."""
         if _source_blocks_only.get() or len(args) != self.num_args or not all(isinstance(a, Tensor) for a in args):
             return None
+        if (args[0].dtype, args[0].device, self.weight.dtype, self.weight.device) != self.captured:
+            if not self.warned:
+                self.warned = True
+                log.warning("a converted MoE block was moved to another dtype or device than it was captured on; "
+                            "it runs its source forward (convert the moved source model again to rewrite it)")
+            return None
         if kwargs.keys() != {*self.tensor_keys, *self.fixed}:
             return None
         if not all(isinstance(kwargs[k], Tensor) for k in self.tensor_keys):
             return None
-        if not all(kwargs[k] is v or kwargs[k] == v for k, v in self.fixed.items()):
+        if not all(kwargs[k] is v or (not isinstance(v, (Tensor, tuple, list)) and kwargs[k] == v)
+                   for k, v in self.fixed.items()):
             return None
         return (*args, *(kwargs[k] for k in self.tensor_keys))
 
@@ -135,8 +156,12 @@ def convert_blocks(target: nn.Module, config: FoEConfig, batches: list[Tensor], 
             untouched.append(f"{name}: never called on the calibration inputs")
             continue
         args, kwargs = inputs[name]
-        if not all(isinstance(a, Tensor) for a in args):
+        if not args or not all(isinstance(a, Tensor) for a in args):
             untouched.append(f"{name}: called with non-tensor positional inputs")
+            continue
+        if "forward" in block.__dict__:  # e.g. accelerate's hooks replace the instance's forward
+            untouched.append(f"{name}: its forward is replaced on the instance (hooks), which a converted class "
+                             "would bypass")
             continue
         tensor_keys = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
         fixed = {k: v for k, v in kwargs.items() if k not in tensor_keys}
@@ -149,10 +174,10 @@ def convert_blocks(target: nn.Module, config: FoEConfig, batches: list[Tensor], 
             continue
         block.__class__ = converted_block_class(type(block))
         # Not a submodule, so state_dict() is unchanged.
-        block.__dict__["_foe_block_graph"] = BlockGraph(graph, len(args), tensor_keys, fixed)
+        block.__dict__["_foe_block_graph"] = BlockGraph(graph, block, args[0], len(args), tensor_keys, fixed)
         block_reports.append(report)
         untouched += [f"{name}: {why}" for why in report.untouched_blocks]
-        layers += [LayerReport(index, "moe", exact=layer.exact, reasons=layer.reasons,
+        layers += [LayerReport(_layer_index(name, index), "moe", exact=layer.exact, reasons=layer.reasons,
                                notes=[f"{name}: {note}" for note in layer.notes]) for layer in report.layers]
     if not block_reports:
         raise ValueError(f"no MoE block of {type(target).__name__} can be rewritten exactly: " + _grouped(untouched))
@@ -168,6 +193,11 @@ def convert_blocks(target: nn.Module, config: FoEConfig, batches: list[Tensor], 
     mark_blocks_converted(target, config)
     _measure(report, target, batches, want)
     return report
+
+
+def _layer_index(name: str, position: int) -> int:
+    """The decoder layer number in a block's name (model.layers.7.mlp -> 7), else its position."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), position)
 
 
 def _grouped(reasons: list[str]) -> str:

@@ -73,7 +73,7 @@ def _grouped_mm(c: dict) -> MoEMatch | str | None:
     unit = recognise_unit([h], mms[1].args[0], val(h).shape[-1])
     if isinstance(unit, str):
         return unit
-    weights = _weighting(y, output, c["weights"], c["ids"])
+    weights = _weighting(y, output, c["weights"], c["ids"], (outs.get(0), outs.get(1), c["num_experts"]))
     if isinstance(weights, str):
         return weights
     c = {**c, "weights": weights}
@@ -107,6 +107,15 @@ def _after_grouped_gemm(mm: fx.Node, sorted_ids: fx.Node | None, num_experts: in
     return node, bias
 
 
+def _is_unsort(indices: list, order: fx.Node | None) -> bool:
+    """indices == [inverse of `order`], built as index_put_(empty, [order], arange(n))."""
+    if len(indices) != 1 or order is None:
+        return False
+    inverse = skip_pass_through(indices[0])
+    return (is_op(inverse, aten.index_put_.default, aten.index_put.default) and len(inverse.args[1]) == 1
+            and skip_pass_through(inverse.args[1][0]) is order and is_op(inverse.args[2], aten.arange.default))
+
+
 def _derives_from(node: fx.Node, source: fx.Node | None) -> bool:
     """`node` is `source` behind views, casts and clamps (transformers clamps sentinel ids in place)."""
     while is_op(node, aten.clamp.default, aten.clamp_.default, *PASS_THROUGH):
@@ -131,12 +140,17 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node, sort: tuple) -> fx.Node | str:
     """The routing weights [..., k] when the down GEMM's rows (`down`, after its bias) are multiplied
     once by them and summed back per token (with a fused router: exactly the weights it produced);
-    else what differs."""
+    else what differs. `sort` = (sorted ids, sort order, E): the only fills allowed zero the rows of
+    sentinel ids >= E, and the only row gather is the unsort (the inverse of the sort order)."""
+    sorted_ids, order, num_experts = sort
     path = (descendants([down]) & (ancestors(output) | {output})) - {output}
     foreign = [n for n in path if n.op == "call_function" and not is_op(n, *_COMBINE_OPS)]
+    foreign += [n for n in path if is_op(n, aten.masked_fill.Scalar, aten.masked_fill_.Scalar)
+                and not _is_sentinel_mask(n.args[1], sorted_ids, num_experts)]
+    foreign += [n for n in path if is_op(n, aten.index.Tensor) and not _is_unsort(n.args[1], order)]
     if foreign:
         return f"expert outputs go through {_name(foreign[0])} ({foreign[0].name}) before the combine"
     muls = [n for n in path if is_op(n, aten.mul.Tensor)]
@@ -219,13 +233,34 @@ def _dense_loop(c: dict) -> MoEMatch | str | None:
 
 
 def _sum_chain(terms: list[fx.Node]) -> fx.Node | None:
-    """The last add of a chain acc = acc + term that consumes every term exactly once."""
-    pending, node = set(terms), None
-    acc = next((u for u in terms[0].users if is_op(u, aten.add.Tensor)), None)
-    while is_op(acc, aten.add.Tensor) and pending & set(acc.args):
-        pending -= set(acc.args)
-        node, acc = acc, only_user(acc)
-    return node if not pending else None
+    """The last add of a chain zeros + term_0 + term_1 + ... (or term_0 + term_1 + ...) that adds every
+    term exactly once and nothing else."""
+    pending = set(terms)
+    node = next((u for u in terms[0].users if is_op(u, aten.add.Tensor)), None)
+    if node is None or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (a in pending and (b in pending or is_zeros(b)) or b in pending and is_zeros(a)):
+        return None
+    pending -= {a, b}
+    while pending:
+        nxt = only_user(node)
+        other = [x for x in nxt.args if x is not node] if is_op(nxt, aten.add.Tensor) and len(nxt.args) == 2 else []
+        if len(other) != 1 or other[0] not in pending:
+            return None
+        pending.discard(other[0])
+        node = nxt
+    return node
+
+
+def is_zeros(node) -> bool:
+    """A zero scalar, or a tensor made full of zeros (zeros, zeros_like, new_zeros, full(..., 0))."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node == 0
+    node = skip_pass_through(node) if isinstance(node, fx.Node) else node
+    if is_op(node, aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
+        return True
+    return is_op(node, aten.full.default, aten.full_like.default, aten.new_full.default) and node.args[-1] == 0
 
 
 # Ways a per-expert loop combines expert e's rows back into the output: (op, index arg, value arg).
@@ -243,6 +278,9 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
                                and _selected_expert(_combine_index(n), ids, E) is not None)
     if len(combines) != E:
         return None
+    why = _one_accumulator(combines)
+    if why:
+        return why
     per_expert, hidden, seen = [None] * E, None, set()
     for node in combines:
         _, value_pos = _COMBINES[node.target]
@@ -286,6 +324,23 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
         return unit
     return MoEMatch("select_loop", hidden=hidden, output=output, per_expert=per_expert, unit=unit,
                     internal=_internal([ids, weights], output) | set(combines), **{**c, "weights": weights})
+
+
+def _one_accumulator(combines: list[fx.Node]) -> str | None:
+    """None when the combines accumulate into one buffer that starts at zero, each reading the
+    previous one's result (or, in place, the same buffer), with index_add_'s alpha 1; else why not."""
+    base = skip_pass_through(combines[0].args[0])
+    if not is_zeros(base):
+        return f"per-expert outputs are accumulated into {_name(base)} ({base.name}), not into zeros"
+    for previous, node in zip(combines, combines[1:]):
+        if skip_pass_through(node.args[0]) not in (previous, base):
+            return "per-expert combines do not accumulate into one buffer"
+    for node in combines:
+        if node.target in (aten.index_add_.default, aten.index_add.default):
+            alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
+            if alpha != 1:
+                return f"per-expert combine index_add with alpha={alpha}"
+    return None
 
 
 def _one_unit(per_expert: list[ExpertMLP]) -> Unit | str:

@@ -56,8 +56,8 @@ class Unit:
         return dict(activation=self.activation, alpha=self.alpha, limit=self.limit, up_offset=self.up_offset)
 
     def describe(self) -> str:
-        extras = [f"{k}={v}" for k, v in (("alpha", self.alpha), ("limit", self.limit), ("up_offset", self.up_offset))
-                  if v not in (1.0, None, 0.0) or (k == "alpha" and v != 1.0)]
+        extras = [f"{k}={v}" for k, v, default in (("alpha", self.alpha, 1.0), ("limit", self.limit, None),
+                                                    ("up_offset", self.up_offset, 0.0)) if v != default]
         layout = [] if self.layout == "halves" or self.activation not in GATED_ACTIVATIONS else [self.layout]
         return ", ".join([self.activation, *extras, *layout])
 
@@ -149,27 +149,28 @@ def recognise_unit(inputs: list[fx.Node], output: fx.Node, width: int) -> Unit |
         foreign = [a for a in n.all_input_nodes if a not in inside]
         if foreign:
             return f"expert unit reads {foreign[0].name} besides the projection ({_name(n)} {n.name})"
+    casts = [n for n in nodes if n.target in _CASTS and not _float_cast(n)]
+    if casts:
+        return f"expert unit casts to a non-floating dtype ({casts[0].name})"
     out_width = val(output).shape[-1]
     gated = out_width * 2 == width
     if not gated and out_width != width:
         return f"expert unit maps {width} projection columns to {out_width} (expected {width} or {width // 2})"
-    probe = _probe(width)
+    probe = _probe(width, _constants(nodes))
     try:
         got = _run(nodes, inputs, output, probe)
     except Exception as error:  # noqa: BLE001 - a unit we cannot evaluate is not recognised
         return f"expert unit could not be evaluated on probe values ({type(error).__name__}: {error})"
+    clamps = {abs(float(a)) for n in nodes if n.target in _CLAMPS for a in n.args[1:] if isinstance(a, (int, float))}
     for unit in _candidates(nodes, gated):
+        if clamps and unit.limit not in clamps:
+            continue  # a clamp in the source must be the unit's limit, whatever the probes show
         want = expert_unit(_gate_first(probe, unit.layout), **unit.op_kwargs())
         if want.shape == got.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True):
             return unit
     ops = sorted({_name(n) for n in nodes if n.target in _ELEMENTWISE})
     return (f"expert unit computes {', '.join(ops) or 'no activation'}, which matches none of foe::experts_swiglu's "
             "units (silu with alpha / gelu / gelu_tanh gated, with an optional clamp limit and up offset; relu2 ungated)")
-
-
-def gate_first_rows(weight: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
-    """`weight`'s rows along `dim` reordered from `layout` into [gate; up] (the op's order)."""
-    return _gate_first(weight.movedim(dim, -1), layout).movedim(-1, dim)
 
 
 def _gate_first(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -180,15 +181,31 @@ def _gate_first(t: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.cat([up, gate] if layout.endswith("up_first") else [gate, up], dim=-1)
 
 
-def _probe(width: int) -> torch.Tensor:
-    """Random float64 rows whose magnitudes range from 0.01 to 100 (past any clamp limit)."""
+def _probe(width: int, constants: set[float]) -> torch.Tensor:
+    """Random float64 rows whose magnitudes range from 0.01 to 100, then rows around every constant c
+    the unit uses (c, c +- 1e-3 |c|, +-2 |c|, both signs), so that a clamp at any limit is exercised."""
     g = torch.Generator().manual_seed(0)
     scales = torch.logspace(-2, 2, 24, dtype=torch.float64).unsqueeze(1)
-    return torch.randn(24, width, generator=g, dtype=torch.float64) * scales
+    rows = [torch.randn(24, width, generator=g, dtype=torch.float64) * scales]
+    for c in sorted(abs(c) for c in constants if c and math.isfinite(c)):
+        for value in (c, c * (1 - 1e-3), c * (1 + 1e-3), 2 * c):
+            signs = torch.randint(0, 2, (2, width), generator=g, dtype=torch.float64) * 2 - 1
+            rows.append(signs * value)
+    return torch.cat(rows)
+
+
+def _constants(nodes: list[fx.Node]) -> set[float]:
+    return {float(a) for n in nodes for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)}
+
+
+def _float_cast(node: fx.Node) -> bool:
+    """A cast whose result is floating point (run as identity on the float64 probes)."""
+    return val(node).is_floating_point()
 
 
 def _run(nodes: list[fx.Node], inputs: list[fx.Node], output: fx.Node, probe: torch.Tensor) -> torch.Tensor:
-    """Evaluate `nodes` on `probe` split by columns across `inputs`; casts stay float64."""
+    """Evaluate `nodes` on `probe` split by columns across `inputs`; floating casts stay float64 (the
+    rounding of an fp32/bf16 cast is the dtype's, which translation validation measures)."""
     widths = [val(i).shape[-1] for i in inputs]
     env: dict[fx.Node, object] = dict(zip(inputs, (p.clone() for p in probe.split(widths, dim=-1))))
     for n in nodes:

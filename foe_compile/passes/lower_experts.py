@@ -88,7 +88,7 @@ def _stacked_weights(g: fx.Graph, m: MoEMatch) -> tuple[fx.Node, fx.Node, fx.Nod
 
 def _gate_rows_first(g: fx.Graph, stacked: fx.Node, layout: str) -> fx.Node:
     """`stacked` [E, R, ...] with its R rows reordered from `layout` into [gate; up]
-    (expert_unit.gate_first_rows, spelled in the graph)."""
+    (expert_unit._gate_first on the weights, spelled in the graph)."""
     if layout.startswith("interleaved"):
         halves = [g.call_function(aten.slice.Tensor, (stacked, 1, start, None, 2)) for start in (0, 1)]
     else:

@@ -67,6 +67,9 @@ def match_router(topk: fx.Node):
         return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
     variant = {"scoring": "softmax", "router_bias": _bias(linear), "correction_bias": None, "routed_scaling": 1.0}
     if order == "softmax_topk":
+        why = _precision(source, linear)
+        if why:
+            return why
         if 0 not in outs:
             return None
         weights, renormalize = _routing_weights(outs[0])
@@ -79,6 +82,19 @@ def match_router(topk: fx.Node):
     while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default, aten.type_as.default):
         weights = nxt
     return topk, linear, outs[1], *_scaled(weights, variant), True, None
+
+
+def _precision(scores: fx.Node, linear: fx.Node) -> str | None:
+    """Why the fused op would score in another precision than the source (None: the same). The op
+    computes the router linear in its input's dtype and the scores in float32; in bf16 a router
+    scored in bf16, or computed in float32 from upcast inputs (DeepSeek's), picks other experts."""
+    if val(scores).dtype != torch.float32:
+        return f"router scores computed in {val(scores).dtype} (foe::sum_route_dispatch scores in float32)"
+    source_dtype = val(skip_pass_through(linear.args[0])).dtype
+    if val(linear).dtype != source_dtype:
+        return (f"router linear computed in {val(linear).dtype} from {source_dtype} inputs (foe::sum_route_dispatch "
+                "computes it in its input's dtype)")
+    return None
 
 
 def _bias(linear: fx.Node) -> fx.Node | None:
@@ -120,6 +136,9 @@ def _variant_router(topk, outs, scores, scoring, linear, correction, dim, larges
     renormalised and scaled by a constant."""
     if not is_last_dim(topk.args[0], dim) or largest is False:
         return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
+    why = _precision(scores, linear)
+    if why:
+        return why
     if correction is None:
         if 0 not in outs:
             return None

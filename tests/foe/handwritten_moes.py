@@ -185,10 +185,45 @@ class ClampedGLUExperts(WhereScatterAdd):
         self.experts = nn.ModuleList(ClampedGLU(d, inner) for _ in range(num_experts))
 
 
-SUPPORTED_UNITS = [GeluGated, BiasedExperts, HandSpelledSiLUExperts, Relu2Experts, ClampedGLUExperts]
+class FarClampedGLUExperts(WhereScatterAdd):
+    """The clamped GLU with a limit (1000) beyond the usual activation range: the clamp must still be kept."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(ClampedGLU(d, inner, limit=1000.0) for _ in range(num_experts))
+
+
+SUPPORTED_UNITS = [GeluGated, BiasedExperts, HandSpelledSiLUExperts, Relu2Experts, ClampedGLUExperts,
+                   FarClampedGLUExperts]
 
 
 # ---- blocks that compute something foe:: ops do not: left as written, with a reason -------------
+
+class OffsetAccumulator(_Base):
+    """The per-expert loop accumulates into a scaled copy of the input, not into zeros."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = h * 0.01
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(h[token]) * w[token, slot, None])
+        return out.view_as(x)
+
+
+class ScaledIndexAdd(_Base):
+    """index_add_ with alpha != 1 scales every expert's contribution."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(h[token]) * w[token, slot, None], alpha=1.01)
+        return out.view_as(x)
+
 
 class ScaledGLU(SwiGLU):
     """A learned per-channel scale inside the unit."""
@@ -309,4 +344,6 @@ REFUSED = [
     (ScaledUnit, "besides the projection"),
     (TanhGated, "matches none of foe::experts_swiglu's units"),
     (MixedUnits, "different units"),
+    (OffsetAccumulator, "not into zeros"),
+    (ScaledIndexAdd, "alpha=1.01"),
 ]

@@ -54,11 +54,14 @@ def test_other_expert_units_are_rewritten_and_exact(moe_cls):
 def test_the_clamp_in_a_clamped_unit_is_kept():
     """ClampedGLU's limit (0.5) is reached at these scales: a rewrite that dropped the clamp, the
     +1 or the interleaving would differ by far more than the tolerance."""
-    from handwritten_moes import ClampedGLUExperts
-    model = model_with(ClampedGLUExperts)
+    import handwritten_moes
+    model = model_with(handwritten_moes.ClampedGLUExperts)
     converted, _ = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
     op = next(n for n in converted.graph.nodes if "experts_swiglu" in str(n.target))
     assert op.args[8] == "silu" and op.args[11:] == (1.702, 0.5, 1.0)
+    far, _ = convert(model_with(handwritten_moes.FarClampedGLUExperts), mode="exact", calibration_inputs=tokens(2, 7))
+    op = next(n for n in far.graph.nodes if "experts_swiglu" in str(n.target))
+    assert op.args[12] == 1000.0  # beyond the random probes' range, found from the unit's constants
     ids = tokens(3, 6, seed=3)
     assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
 
@@ -218,3 +221,16 @@ def test_a_recapture_that_cannot_be_rewritten_runs_the_source_graph(monkeypatch)
     ids = tokens(1, 5)
     assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
     assert not any("experts_swiglu" in str(n.target) for n in converted.graphs[1].graph.nodes)
+
+
+@torch.no_grad()
+def test_a_router_scored_in_bf16_is_not_fused():
+    """The fused op scores in float32; a bf16 model whose router scores in bf16 would pick other
+    experts for some tokens after fusing, so its routing stays as written (and the FoE form refuses)."""
+    from handwritten_moes import SigmoidRouter
+
+    model = model_with(SigmoidRouter).to(torch.bfloat16)
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    assert report.exact, report.to_table()
+    assert all("scores computed in torch.bfloat16" in " ".join(layer.notes) for layer in report.layers)
+    assert not any("sum_route_dispatch" in str(n.target) for n in converted.graph.nodes)

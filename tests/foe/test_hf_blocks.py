@@ -84,3 +84,28 @@ def test_blocks_that_cannot_be_captured_are_refused_once_with_the_reason():
     with pytest.raises(ValueError, match=r"blocks\.0\.ffn, transformer\.blocks\.1\.ffn.*: torch.export cannot capture "
                                          r"DbrxFFN.*expert_hit"):
         convert(hf_zoo.tiny_model("dbrx"), mode="exact")
+
+
+@torch.no_grad()
+def test_a_dtype_move_runs_the_source_blocks_and_copies_are_refused():
+    """The block graphs bake in the capture's dtype: after .to(bfloat16) the blocks run their source
+    forward (still the model's computation) instead of failing; deep copies and pickles of a converted
+    model are refused with what to do instead."""
+    import copy
+    import pickle
+
+    converted, _ = convert(hf_zoo.tiny_model("gpt_oss"), mode="exact", calibration_inputs=tokens(2, 7))
+    with pytest.raises(TypeError, match="deep-copy the source model"):
+        copy.deepcopy(converted)
+    with pytest.raises(TypeError, match="save_pretrained"):
+        pickle.dumps(converted.model.layers[0].mlp.__dict__["_foe_block_graph"])
+    source = hf_zoo.tiny_model("gpt_oss").to(torch.bfloat16)
+    moved = converted.to(torch.bfloat16)
+    ids = tokens(2, 7, seed=5)
+    assert torch.equal(moved(ids).logits, source(ids).logits)
+
+
+def test_report_rows_carry_the_decoder_layer_number():
+    model = hf_zoo.tiny_model("nemotron_h")  # its one MoE block is layer 1's mixer
+    _, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    assert [layer.index for layer in report.layers] == [1]
