@@ -114,16 +114,27 @@ def validated_exact_rewrite(captured: fx.GraphModule, num_groups: int | None, sa
     count = len(gm.meta[MOE_KEY])  # `leave` indexes the matched blocks (refused ones are never rewritten)
     left = {}
     for i in range(count):
-        alone_error = attempt({j: "" for j in range(count) if j != i})[2]
+        alone, _, alone_error = attempt({j: "" for j in range(count) if j != i})
         if alone_error > tol:
-            left[i] = (f"rewrite failed translation validation (max relative error {alone_error:.2e} > {tol:.0e}); "
-                       "left as written")
+            left[i] = (f"rewrite failed translation validation ({_failure(alone, samples[0], alone_error)} > "
+                       f"{tol:.0e}); left as written")
     log.warning("translation validation undid %d MoE block rewrite(s): %s", len(left), left)
     gm, results, error = attempt(left)
     if error > tol:
         raise RuntimeError(f"internal error: the rewrite still differs from the source by {error:.2e} with every "
                            "failing block left as written; please report this model")
     return gm, results, error, left
+
+
+def _failure(gm: fx.GraphModule, sample: tuple, error: float) -> str:
+    """The measured error, or, when the rewritten graph raised, what it raised (first line)."""
+    if error != float("inf"):
+        return f"max relative error {error:.2e}"
+    try:
+        gm(*sample)
+    except Exception as err:  # noqa: BLE001 - reported, not handled
+        return f"the rewritten graph raised {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return "max relative error inf (an output's shape, NaN or infinity differs)"
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:

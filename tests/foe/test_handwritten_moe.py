@@ -234,3 +234,24 @@ def test_a_router_scored_in_bf16_is_not_fused():
     assert report.exact, report.to_table()
     assert all("scores computed in torch.bfloat16" in " ".join(layer.notes) for layer in report.layers)
     assert not any("sum_route_dispatch" in str(n.target) for n in converted.graph.nodes)
+
+
+@torch.no_grad()
+def test_a_rewrite_that_raises_is_reported_with_what_it_raised(monkeypatch):
+    """A rewrite whose graph raises (here: expert weights of the wrong width) is undone and the reason
+    says what was raised, not only an infinite error."""
+    lower_experts = importlib.import_module("foe_compile.passes.lower_experts")
+    real = lower_experts._stacked_weights
+
+    def narrowed(g, m):
+        gate_up, down, b1, b2 = real(g, m)
+        if "blocks_0" in m.name:
+            down = g.call_function(torch.ops.aten.slice.Tensor, (down, 2, 0, 3))
+        return gate_up, down, b1, b2
+
+    monkeypatch.setattr(lower_experts, "_stacked_weights", narrowed)
+    model = model_with(SUPPORTED[2])
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
+    (why,) = report.untouched_blocks
+    assert "blocks_0" in why and "the rewritten graph raised" in why and "down must be" in why, why
+    assert report.exact
