@@ -10,9 +10,9 @@ sum_route_dispatch
     ids      = top-(k/H) of `select` in each of H equal expert blocks (H = 1: global top-k)
     w        = scores[ids] (never the corrected `select`), divided by their sum over the k picks
                when `renormalize`, then times `routed_scaling`; cast to xn's dtype
-               (Mixtral/Qwen: softmax; gpt-oss: softmax + router_bias; DeepSeek-V3/GLM-4.5:
-               sigmoid + correction_bias + routed_scaling; MiniMax: sigmoid + correction_bias;
-               sqrtsoftplus: sqrt(softplus(logits)) scores)
+               (Mixtral/Qwen: softmax; gpt-oss: softmax + router_bias; MiniMax-M2: sigmoid +
+               correction_bias; DeepSeek-V3's scoring without its group limit: sigmoid +
+               correction_bias + routed_scaling; DeepSeek-V4: sqrtsoftplus scores)
     pairs    = stable sort of the T*k (token, slot) pairs p = t*k + j by expert ids[t, j]
     offsets  = offsets[e] = first position of expert e in pairs, offsets[E] = T*k
 experts_swiglu

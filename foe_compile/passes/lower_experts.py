@@ -1,8 +1,10 @@
 """lower_experts: replace each matched expert computation with foe::experts_swiglu.
 
 Expects the MoEMatch records of find_moe_blocks (and, when fuse_sum_route_dispatch ran, its
-fused node, whose pairs/offsets outputs the experts consume). Preserves the block's output
-exactly up to summation order: the op computes the same sum over the k picks of
+fused node, whose pairs/offsets outputs the experts consume). Preserves the block's output up
+to summation order and the rounding of the routing weights to the hidden dtype (the op
+multiplies in that dtype; translation validation measures the difference): it computes the
+same sum over the k picks of
 w * (down(unit(gate_up(x) + b1)) + b2), with the unit the matcher recognised. Weights are given
 to the op as [E, 2I, d] / [E, d, I] with gate rows first: stored-transposed weights are read
 through a transpose and other column layouts (gpt-oss's interleaved gate/up) are reordered.
