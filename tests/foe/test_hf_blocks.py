@@ -109,3 +109,25 @@ def test_report_rows_carry_the_decoder_layer_number():
     model = hf_zoo.tiny_model("nemotron_h")  # its one MoE block is layer 1's mixer
     _, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
     assert [layer.index for layer in report.layers] == [1]
+
+
+@torch.no_grad()
+def test_a_fill_in_the_grouped_combine_that_is_not_the_sentinel_one_is_left_as_written(monkeypatch):
+    """transformers' grouped_mm experts with one extra line (zero a row whose input is large): a
+    masked_fill in the combine that is not the one zeroing sentinel ids must not be erased by lowering."""
+    import inspect
+
+    import transformers.integrations.moe as tm
+
+    source = inspect.getsource(tm.grouped_mm_experts_forward)
+    anchor = "    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)  # (S, hidden_dim)\n"
+    assert anchor in source, "transformers changed grouped_mm_experts_forward; update this test"
+    guard = ("    weighted_out = weighted_out.masked_fill(selected_hidden_states_g.abs().amax(-1, keepdim=True) > 100.0,"
+             " 0.0)\n")
+    namespace = dict(vars(tm))
+    exec(source.replace(anchor, anchor + guard), namespace)  # noqa: S102 - the library's own code, one line added
+    monkeypatch.setitem(tm.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm", namespace["grouped_mm_experts_forward"])
+    model = hf_zoo.tiny_model("gpt_oss")
+    model.set_experts_implementation("grouped_mm")
+    with pytest.raises(ValueError, match="masked_fill"):
+        convert(model, mode="exact", calibration_inputs=tokens(2, 7))
