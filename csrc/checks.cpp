@@ -83,6 +83,8 @@ Scoring check_route_variant(const at::Tensor& router_weight, c10::string_view sc
   return found->second;
 }
 
+namespace {
+
 ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,
                              double up_offset) {
   static constexpr std::pair<c10::string_view, Activation> kNames[] = {
@@ -101,10 +103,10 @@ ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::opt
   return unit;
 }
 
-void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
-                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
-                        const at::Tensor& expert_offsets, int64_t num_groups, const ExpertUnit& unit,
-                        const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias) {
+void check_experts_shapes(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                          const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
+                          const at::Tensor& expert_offsets, int64_t num_groups, const ExpertUnit& unit,
+                          const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias) {
   TORCH_CHECK(gate_up.dim() == 3, "gate_up must be [E, 2I, d] (gated) or [E, I, d] (relu2), got ", gate_up.sizes());
   TORCH_CHECK(!unit.gated() || gate_up.size(1) % 2 == 0, "a gated unit needs gate_up [E, 2I, d], got ",
               gate_up.sizes());
@@ -132,6 +134,20 @@ void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at
   }
   check_bias(gate_up_bias, "gate_up_bias", unit.gated() ? "[E, 2I]" : "[E, I]", x, E, rows);
   check_bias(down_bias, "down_bias", "[E, d]", x, E, d);
+}
+
+}  // namespace
+
+ExpertUnit check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                              const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
+                              c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
+                              const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
+                              double up_offset) {
+  const ExpertUnit unit = parse_expert_unit(activation, alpha, limit, up_offset);
+  check_experts_shapes(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups, unit,
+                       gate_up_bias, down_bias);
+  return unit;
 }
 
 void check_routing_indices(const at::Tensor& topk_ids, const at::Tensor& sorted_pairs,

@@ -49,9 +49,8 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, co
                               c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
                               const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
                               double up_offset) {
-  const ExpertUnit unit = parse_expert_unit(activation, alpha, limit, up_offset);
-  check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups, unit,
-                     gate_up_bias, down_bias);
+  const ExpertUnit unit = check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets,
+                                            num_groups, activation, gate_up_bias, down_bias, alpha, limit, up_offset);
   TORCH_CHECK(x.device().is_cpu(), "experts_swiglu_cpu got a ", x.device(), " tensor");
   check_routing_indices(topk_ids, sorted_pairs, expert_offsets, gate_up.size(0));  // ids, pairs, offsets in range
   const int64_t T = x.size(0), d = x.size(1), k = topk_ids.size(1);

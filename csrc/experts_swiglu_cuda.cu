@@ -68,9 +68,8 @@ at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, c
                                c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
                                const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
                                double up_offset) {
-  const ExpertUnit unit = parse_expert_unit(activation, alpha, limit, up_offset);
-  check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets, num_groups, unit,
-                     gate_up_bias, down_bias);
+  const ExpertUnit unit = check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets,
+                                            num_groups, activation, gate_up_bias, down_bias, alpha, limit, up_offset);
   TORCH_CHECK(x.is_cuda(), "experts_swiglu_cuda got a ", x.device(), " tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xs = x.contiguous(), gu = gate_up.contiguous(), dn = down.contiguous();

@@ -48,15 +48,15 @@ struct ExpertUnit {
 // Argument checks shared by every device (messages say what to change).
 void check_route_args(const at::Tensor& residual, const at::Tensor& partials, const at::Tensor& norm_weight,
                       const at::Tensor& router_weight, int64_t num_groups, int64_t top_k);
-// The unit arguments of foe::experts_swiglu parsed once; raises ValueError (as ops.check_experts_args) on an
-// unknown activation, alpha != 1 with another activation than silu, limit/up_offset with an ungated unit or a
-// NaN limit.
-ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,
-                             double up_offset);
-void check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
-                        const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
-                        const at::Tensor& expert_offsets, int64_t num_groups, const ExpertUnit& unit,
-                        const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_bias);
+// The arguments of foe::experts_swiglu, in schema order, checked for every device; returns the unit parsed
+// once. Raises ValueError (as ops.check_experts_args) on an unknown activation, alpha != 1 with another
+// activation than silu, limit/up_offset with an ungated unit or a NaN limit, and on shapes that disagree.
+ExpertUnit check_experts_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                              const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
+                              c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
+                              const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
+                              double up_offset);
 
 // Values of the routing tensors passed to foe::experts_swiglu, O(T*k + E) on CPU tensors (contiguous
 // int64; shapes already checked by check_experts_args). Raises unless expert_offsets [E+1] starts at 0, never

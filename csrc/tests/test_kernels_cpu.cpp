@@ -1,10 +1,12 @@
 // CTest: the C++ CPU kernels against a scalar C++ reference written here (formulas of reference.py), the
-// experts for every expert unit variant (activations, biases, gpt-oss's alpha / limit / up_offset).
+// experts for every expert unit variant (activations, biases, gpt-oss's alpha / limit / up_offset); the
+// router variants are in test_route_variants_cpu.cpp.
 // Float outputs within 1e-5 (fp32), ids / sorted_pairs / expert_offsets exactly equal, including the
 // stable order of pairs within an expert. NaN rows and exact ties: ids equal at::topk's (the reference's
 // torch.topk) exactly. Bad routing indices and unit arguments raise c10::Error. Exits non-zero on the first
 // mismatch.
 #include "foe_ops.h"
+#include "test_support.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -22,26 +24,12 @@
 
 namespace {
 
-void expect(bool ok, const char* what, int64_t T, int64_t E, int64_t k, int64_t H) {
-  if (ok) return;
-  std::fprintf(stderr, "FAIL %s (T=%lld E=%lld k=%lld H=%lld)\n", what, (long long)T, (long long)E, (long long)k,
-               (long long)H);
-  std::exit(1);
-}
-
-bool close(const at::Tensor& a, const std::vector<float>& b, float tol) {
-  const auto a32 = a.contiguous().to(at::kFloat);
-  const float* p = a32.const_data_ptr<float>();
-  for (size_t i = 0; i < b.size(); ++i) {
-    if (std::fabs(p[i] - b[i]) > tol * (1.f + std::fabs(b[i]))) return false;
-  }
-  return static_cast<size_t>(a32.numel()) == b.size();
-}
-
-bool equal(const at::Tensor& a, const std::vector<int64_t>& b) {
-  const auto c = a.contiguous();
-  return static_cast<size_t>(c.numel()) == b.size() && std::equal(b.begin(), b.end(), c.const_data_ptr<int64_t>());
-}
+using foe_test::check_route_invariants;
+using foe_test::close;
+using foe_test::equal;
+using foe_test::expect;
+using foe_test::expect_error;
+using foe_test::quota_pick;
 
 // Scalar reference of sum_route_dispatch in fp32 (renormalised weights), stable sort of pairs by expert.
 void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_groups, int64_t d = 40) {
@@ -74,17 +62,7 @@ void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_gr
     float total = 0.f;
     for (float& p : probs) total += (p = std::exp(p - top));
     for (float& p : probs) p /= total;
-    const int64_t block = E / H, per_group = k / H;
-    float picked = 0.f;
-    for (int64_t g = 0; g < H; ++g) {
-      std::vector<int64_t> order(block);
-      std::iota(order.begin(), order.end(), g * block);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
-      for (int64_t j = 0; j < per_group; ++j) {
-        want_ids[t * k + g * per_group + j] = order[j];
-        picked += probs[order[j]];
-      }
-    }
+    const float picked = quota_pick(probs, probs, H, k, &want_ids[t * k]);
     for (int64_t j = 0; j < k; ++j) want_w[t * k + j] = probs[want_ids[t * k + j]] / picked;
   }
   std::vector<int64_t> want_pairs(T * k), want_offsets(E + 1, 0);
@@ -100,97 +78,6 @@ void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_gr
   expect(close(weights, want_w, 1e-5f), "topk_weights", T, E, k, H);
   expect(equal(pairs, want_pairs), "sorted_pairs (stable grouping)", T, E, k, H);
   expect(equal(offsets, want_offsets), "expert_offsets", T, E, k, H);
-}
-
-// fn() must raise a c10::Error whose message contains `needle`.
-template <typename Fn>
-void expect_error(Fn fn, const char* needle) {
-  bool raised = false;
-  try {
-    fn();
-  } catch (const c10::Error& error) {
-    raised = std::string(error.what()).find(needle) != std::string::npos;
-    if (!raised) std::fprintf(stderr, "unexpected message: %s\n", error.what());
-  }
-  expect(raised, needle, 0, 0, 0, 0);
-}
-
-// Router variants: the kernel's xn routed by a scalar reference written here: logits = xn . router_e (+ bias_e),
-// scores = softmax | sigmoid | sqrt(softplus), picks by scores (+ correction), weights = picked scores,
-// renormalised when asked, times the scaling.
-void check_route_variant(int64_t T, int64_t E, int64_t k, int64_t H, const char* scoring, bool router_bias,
-                         bool correction_bias, bool renormalize, double scaling, int64_t d = 24) {
-  const auto router = at::randn({E, d}) / std::sqrt(double(d));
-  const auto rb = 0.5 * at::randn({E}), cb = 0.2 * at::randn({E});
-  const std::optional<at::Tensor> rb_opt = router_bias ? std::optional<at::Tensor>(rb) : std::nullopt;
-  const std::optional<at::Tensor> cb_opt = correction_bias ? std::optional<at::Tensor>(cb) : std::nullopt;
-  const auto [r, xn, ids, weights, pairs, offsets] = foe::sum_route_dispatch_cpu(
-      at::randn({1, T, d}), at::randn({H, T, d}), 1 + 0.1 * at::randn({d}), 1e-6, router, H, k, renormalize, scoring,
-      rb_opt, cb_opt, scaling);
-  const std::string score(scoring);
-  const float *x = xn.const_data_ptr<float>(), *rw = router.const_data_ptr<float>();
-  const float *b = rb.const_data_ptr<float>(), *c = cb.const_data_ptr<float>();
-  std::vector<float> want_w(T * k);
-  std::vector<int64_t> want_ids(T * k);
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<float> scores(E), select(E);
-    for (int64_t e = 0; e < E; ++e) {
-      float logit = router_bias ? b[e] : 0.f;
-      for (int64_t i = 0; i < d; ++i) logit += x[t * d + i] * rw[e * d + i];
-      scores[e] = logit;
-    }
-    if (score == "softmax") {
-      const float top = *std::max_element(scores.begin(), scores.end());
-      float total = 0.f;
-      for (float& p : scores) total += (p = std::exp(p - top));
-      for (float& p : scores) p /= total;
-    } else {
-      for (float& p : scores) p = score == "sigmoid" ? 1.f / (1.f + std::exp(-p)) : std::sqrt(std::log1p(std::exp(p)));
-    }
-    for (int64_t e = 0; e < E; ++e) select[e] = scores[e] + (correction_bias ? c[e] : 0.f);
-    const int64_t block = E / H, per_group = k / H;
-    float picked = 0.f;
-    for (int64_t g = 0; g < H; ++g) {
-      std::vector<int64_t> order(block);
-      std::iota(order.begin(), order.end(), g * block);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return select[a] > select[b]; });
-      for (int64_t j = 0; j < per_group; ++j) {
-        want_ids[t * k + g * per_group + j] = order[j];
-        picked += scores[order[j]];
-      }
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const float w = scores[want_ids[t * k + j]];
-      want_w[t * k + j] = (renormalize ? w / picked : w) * static_cast<float>(scaling);
-    }
-  }
-  std::vector<int64_t> want_pairs(T * k), want_offsets(E + 1, 0);
-  std::iota(want_pairs.begin(), want_pairs.end(), 0);
-  std::stable_sort(want_pairs.begin(), want_pairs.end(),
-                   [&](int64_t a, int64_t b) { return want_ids[a] < want_ids[b]; });
-  for (int64_t id : want_ids) ++want_offsets[id + 1];
-  std::partial_sum(want_offsets.begin(), want_offsets.end(), want_offsets.begin());
-  const std::string what = std::string("variant ") + scoring + (router_bias ? " router_bias" : "") +
-                           (correction_bias ? " correction_bias" : "") + (renormalize ? " renormalize" : "") +
-                           (scaling != 1.0 ? " scaled" : "");
-  expect(equal(ids, want_ids), (what + ": topk_ids").c_str(), T, E, k, H);
-  expect(close(weights, want_w, 1e-5f), (what + ": topk_weights").c_str(), T, E, k, H);
-  expect(equal(pairs, want_pairs) && equal(offsets, want_offsets), (what + ": grouping").c_str(), T, E, k, H);
-}
-
-void check_bad_route_variant_args() {
-  const int64_t T = 3, E = 12, d = 8;
-  const auto residual = at::zeros({1, T, d}), partials = at::randn({1, T, d}), nw = at::ones({d});
-  const auto router = at::randn({E, d});
-  auto call = [&](const char* scoring, std::optional<at::Tensor> rb, std::optional<at::Tensor> cb, double scaling) {
-    return [=] { foe::sum_route_dispatch_cpu(residual, partials, nw, 1e-6, router, 1, 2, true, scoring, rb, cb, scaling); };
-  };
-  expect_error(call("tanh", std::nullopt, std::nullopt, 1.0), "unknown router scoring 'tanh'");
-  expect_error(call("sigmoid", at::zeros({E + 1}), std::nullopt, 1.0), "router_bias must be [E] = [12]");
-  expect_error(call("sigmoid", std::nullopt, at::zeros({1, E}), 1.0), "correction_bias must be [E] = [12]");
-  expect_error(call("sigmoid", at::zeros({E}, at::kDouble), std::nullopt, 1.0), "router_bias must have dtype");
-  expect_error(call("sigmoid", std::nullopt, std::nullopt, std::numeric_limits<double>::infinity()),
-               "routed_scaling must be finite");
 }
 
 // An expert unit of foe::experts_swiglu (the schema's unit arguments) and whether both biases are passed.
@@ -325,24 +212,6 @@ at::Tensor topk_ids_of(const at::Tensor& xn, const at::Tensor& router, int64_t k
 
 // Structural invariants that keep every consumer in bounds: ids in their group's block and distinct within a
 // row, pairs/offsets the stable grouping of ids.
-void check_route_invariants(const foe::RouteOutputs& out, int64_t E, int64_t k, int64_t H, const char* what) {
-  const auto& [r, xn, ids, weights, pairs, offsets] = out;
-  const int64_t T = ids.size(0), block = E / H, per_group = k / H;
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t g = j / per_group;
-      expect(id[t * k + j] >= g * block && id[t * k + j] < (g + 1) * block, what, T, E, k, H);
-      for (int64_t i = 0; i < j; ++i) expect(id[t * k + i] != id[t * k + j], what, T, E, k, H);
-    }
-  }
-  std::vector<int64_t> want_pairs(T * k), want_offsets(E + 1);
-  foe::group_by_expert_host(id, T * k, E, want_pairs.data(), want_offsets.data());
-  expect(equal(pairs, want_pairs) && equal(offsets, want_offsets), what, T, E, k, H);
-}
-
-// A NaN in one token's partials (or an Inf: RMSNorm then gives NaN) makes that row's r/xn/weights NaN, its ids
-// torch.topk's picks among NaNs; every other row is bit-identical to the run without it.
 void check_route_nan(int64_t E, int64_t k, int64_t H, float poison) {
   const int64_t T = 7, d = 24, bad = 3;
   const auto residual = at::randn({1, T, d}), partials = at::randn({H, T, d});
@@ -411,28 +280,6 @@ void check_bad_routing_indices() {
   p = pairs.flip(0).contiguous();  // a permutation, but not grouped by expert
   refused(ids, p, offsets, "segment");
 }
-// A NaN router-bias entry: with sigmoid scores that expert's score is NaN in every row, ranks first in its block
-// (torch.topk's order) and only its weight is NaN (no renormalisation).
-void check_route_variant_nan_bias() {
-  const int64_t T = 9, E = 12, k = 4, H = 2, d = 16;
-  auto rb = 0.5 * at::randn({E});
-  rb[7] = std::numeric_limits<float>::quiet_NaN();
-  const auto cb = 0.2 * at::randn({E});
-  const auto out = foe::sum_route_dispatch_cpu(at::randn({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
-                                               at::randn({E, d}), H, k, false, "sigmoid", rb, cb, 2.5);
-  const auto& [r, xn, ids, weights, pairs, offsets] = out;
-  check_route_invariants(out, E, k, H, "NaN router bias: ids/pairs/offsets in range");
-  const auto ids_c = ids.contiguous();
-  const auto w = weights.contiguous();
-  for (int64_t t = 0; t < T; ++t) {
-    expect(ids_c[t][k / 2].item<int64_t>() == 7, "NaN router bias: the NaN expert ranks first", T, E, k, H);
-    for (int64_t j = 0; j < k; ++j) {
-      const bool is_nan = std::isnan(w[t][j].item<float>());
-      expect(is_nan == (ids_c[t][j].item<int64_t>() == 7), "NaN router bias: only its weight is NaN", T, E, k, H);
-    }
-  }
-}
-
 }  // namespace
 
 int main() {
@@ -466,16 +313,6 @@ int main() {
     check_route_ties(E, k, H);
   }
   check_bad_routing_indices();
-  for (const char* scoring : {"softmax", "sigmoid", "sqrtsoftplus"}) {
-    for (int mask = 0; mask < 16; ++mask) {
-      const bool router_bias = mask & 1, correction_bias = mask & 2, renormalize = mask & 4;
-      const double scaling = mask & 8 ? 2.5 : 1.0;
-      for (int64_t H : {1, 2}) check_route_variant(37, 12, 4, H, scoring, router_bias, correction_bias, renormalize, scaling);
-      check_route_variant(0, 12, 4, 2, scoring, router_bias, correction_bias, renormalize, scaling);
-    }
-  }
-  check_route_variant_nan_bias();
-  check_bad_route_variant_args();
   for (const char* op : {"foe::sum_route_dispatch_native", "foe::experts_swiglu_native"}) {
     const auto handle = c10::Dispatcher::singleton().findSchema({op, ""});
     expect(handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CPU), op, 0, 0, 0, 0);

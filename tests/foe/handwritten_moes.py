@@ -119,10 +119,16 @@ class GeluGLU(SwiGLU):
         return self.w2(F.gelu(self.w1(x)) * self.w3(x))
 
 
-class GeluGated(WhereIndexAdd):
+def with_experts(form: type, expert, name: str) -> type:
+    """The loop spelling `form` with its experts made by `expert(d, inner)` instead of SwiGLU."""
     def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(GeluGLU(d, inner) for _ in range(num_experts))
+        form.__init__(self, d, inner, num_experts, top_k)
+        self.experts = nn.ModuleList(expert(d, inner) for _ in range(num_experts))
+
+    return type(name, (form,), {"__init__": __init__, "__module__": __name__})
+
+
+GeluGated = with_experts(WhereIndexAdd, GeluGLU, "GeluGated")
 
 
 class BiasedExperts(WhereIndexAdd):
@@ -142,10 +148,7 @@ class HandSpelledSiLU(SwiGLU):
         return self.w2(self.w3(x) * (g * torch.sigmoid(g)))
 
 
-class HandSpelledSiLUExperts(DenseLoopMoE):
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(HandSpelledSiLU(d, inner) for _ in range(num_experts))
+HandSpelledSiLUExperts = with_experts(DenseLoopMoE, HandSpelledSiLU, "HandSpelledSiLUExperts")
 
 
 class Relu2(nn.Module):
@@ -159,10 +162,7 @@ class Relu2(nn.Module):
         return self.down(torch.relu(self.up(x)) ** 2)
 
 
-class Relu2Experts(WhereIndexAdd):
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(Relu2(d, inner) for _ in range(num_experts))
+Relu2Experts = with_experts(WhereIndexAdd, Relu2, "Relu2Experts")
 
 
 class ClampedGLU(nn.Module):
@@ -179,18 +179,10 @@ class ClampedGLU(nn.Module):
         return self.down((up + 1) * (gate * torch.sigmoid(gate * 1.702)))
 
 
-class ClampedGLUExperts(WhereScatterAdd):
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(ClampedGLU(d, inner) for _ in range(num_experts))
-
-
-class FarClampedGLUExperts(WhereScatterAdd):
-    """The clamped GLU with a limit (1000) beyond the usual activation range: the clamp must still be kept."""
-
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(ClampedGLU(d, inner, limit=1000.0) for _ in range(num_experts))
+ClampedGLUExperts = with_experts(WhereScatterAdd, ClampedGLU, "ClampedGLUExperts")
+# A limit (1000) beyond the usual activation range: the clamp must still be kept.
+FarClampedGLUExperts = with_experts(WhereScatterAdd, lambda d, inner: ClampedGLU(d, inner, limit=1000.0),
+                                    "FarClampedGLUExperts")
 
 
 SUPPORTED_UNITS = [GeluGated, BiasedExperts, HandSpelledSiLUExperts, Relu2Experts, ClampedGLUExperts,
@@ -236,10 +228,7 @@ class ScaledGLU(SwiGLU):
         return self.w2(F.silu(self.w1(x)) * self.w3(x) * self.scale)
 
 
-class ScaledUnit(WhereIndexAdd):
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(ScaledGLU(d, inner) for _ in range(num_experts))
+ScaledUnit = with_experts(WhereIndexAdd, ScaledGLU, "ScaledUnit")
 
 
 class TanhGLU(SwiGLU):
@@ -247,10 +236,7 @@ class TanhGLU(SwiGLU):
         return self.w2(torch.tanh(self.w1(x)) * self.w3(x))
 
 
-class TanhGated(WhereIndexAdd):
-    def __init__(self, d, inner, num_experts, top_k):
-        super().__init__(d, inner, num_experts, top_k)
-        self.experts = nn.ModuleList(TanhGLU(d, inner) for _ in range(num_experts))
+TanhGated = with_experts(WhereIndexAdd, TanhGLU, "TanhGated")
 
 
 class MixedUnits(WhereIndexAdd):

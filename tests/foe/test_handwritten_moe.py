@@ -26,26 +26,14 @@ def model_with(moe_cls, seed: int = 0) -> torch.nn.Module:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("moe_cls", SUPPORTED, ids=lambda c: c.__name__)
-def test_supported_forms_are_rewritten_and_exact(moe_cls):
+@pytest.mark.parametrize("moe_cls", SUPPORTED + SUPPORTED_UNITS, ids=lambda c: c.__name__)
+def test_supported_forms_and_units_are_rewritten_and_exact(moe_cls):
     model = model_with(moe_cls)
     converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
     assert report.exact and not report.untouched_blocks, report.to_table()
     assert [layer.kind for layer in report.layers] == ["moe", "moe"]
     assert sum("experts_swiglu" in str(n.target) for n in converted.graph.nodes) == 2
     for batch, length in [(2, 7), (1, 5), (3, 4), (1, 1)]:
-        ids = tokens(batch, length, seed=batch * 10 + length)
-        assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("moe_cls", SUPPORTED_UNITS, ids=lambda c: c.__name__)
-def test_other_expert_units_are_rewritten_and_exact(moe_cls):
-    model = model_with(moe_cls)
-    converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))
-    assert report.exact and not report.untouched_blocks, report.to_table()
-    assert sum("experts_swiglu" in str(n.target) for n in converted.graph.nodes) == 2
-    for batch, length in [(2, 7), (1, 5), (1, 1)]:
         ids = tokens(batch, length, seed=batch * 10 + length)
         assert max_rel(converted(ids), model(ids)) <= EXACT_MAX_REL
 
