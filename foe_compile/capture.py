@@ -6,8 +6,6 @@ import logging
 import os
 import sysconfig
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +15,8 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+from .exportable_experts import exportable_experts
 
 log = logging.getLogger(__name__)
 
@@ -90,53 +90,6 @@ def export_aten(module: nn.Module, args: tuple, kwargs: dict | None = None,
 def capture_kwargs(model: nn.Module) -> dict:
     """Keyword arguments a capture passes: Hugging Face models run without their KV cache."""
     return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-
-
-# Experts implementations -----------------------------------------------------------------------
-#
-# transformers v5 experts classes decorated with @use_experts_implementation dispatch on
-# config._experts_implementation. Its "eager" forward loops over `expert_hit` (the experts some
-# token was routed to, from nonzero()): a Python loop whose trip count depends on the routing,
-# which torch.export cannot record. "grouped_mm" is transformers' implementation of the same
-# experts (same weights, gate, biases and combine) without data-dependent control flow. For the
-# capture only, eager experts run grouped_mm; the eager model (the user's setting, restored after
-# the capture) stays the reference that translation validation compares the capture against.
-
-def _dispatches_experts(module: nn.Module) -> bool:
-    """An experts module whose class @use_experts_implementation wrapped (it dispatches on its config)."""
-    return (hasattr(type(module), "_apply_gate") and hasattr(module, "is_concatenated")
-            and hasattr(type(module).forward, "__wrapped__") and getattr(module, "config", None) is not None)
-
-
-@contextmanager
-def exportable_experts(module: nn.Module) -> Iterator[list[str]]:
-    """Within the block, experts of `module` set to transformers' "eager" implementation use its
-    "grouped_mm" implementation instead (names of the switched experts classes are yielded)."""
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:  # no transformers (or one without the experts interface): nothing dispatches
-        yield []
-        return
-    changed: list[tuple[Any, Any]] = []
-    names: list[str] = []
-    if "grouped_mm" in ALL_EXPERTS_FUNCTIONS:
-        for sub in module.modules():
-            config = getattr(sub, "config", None) if _dispatches_experts(sub) else None
-            if config is None or getattr(config, "_experts_implementation", None) != "eager":
-                continue
-            if not any(c is config for c, _ in changed):
-                changed.append((config, config._experts_implementation_internal))
-                config._experts_implementation_internal = "grouped_mm"
-            if type(sub).__name__ not in names:
-                names.append(type(sub).__name__)
-    if names:
-        log.info("capturing %s with transformers' grouped_mm experts implementation instead of eager "
-                 "(eager loops over the experts that were hit, which torch.export cannot record)", ", ".join(names))
-    try:
-        yield names
-    finally:
-        for config, previous in changed:
-            config._experts_implementation_internal = previous
 
 
 # Why a capture failed ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import operator
 import torch
 from torch import fx
 
-from .expert_unit import ExpertMLP, Unit, match_expert_mlp, recognise_unit
+from .expert_unit import ExpertMLP, Unit, as_linear, match_expert_mlp, recognise_unit
 from .infra import PASS_THROUGH, ancestors, aten, descendants, getitem_users, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 from .moe_router import is_last_dim
@@ -296,7 +296,8 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
             scaled = skip_pass_through(scaled.args[0])
         if not is_op(scaled, aten.mul.Tensor):
             return "per-expert outputs are combined without being multiplied by their routing weights"
-        downs = [(s, o) for s, o in (scaled.args, scaled.args[::-1]) if is_op(s, aten.linear.default)]
+        downs = [(skip_pass_through(s), o) for s, o in (scaled.args, scaled.args[::-1])
+                 if isinstance(s, fx.Node) and as_linear(skip_pass_through(s)) is not None]
         if not downs:
             return None
         mlp, w = match_expert_mlp(downs[0][0]), downs[0][1]
@@ -349,8 +350,9 @@ def _one_unit(per_expert: list[ExpertMLP]) -> Unit | str:
     for mlp in per_expert[1:]:
         if mlp.unit != first.unit:
             return f"experts compute different units ({first.unit.describe()} and {mlp.unit.describe()})"
-        if (mlp.gate_up_bias is None, mlp.down_bias is None, len(mlp.gate_up)) != (
-                first.gate_up_bias is None, first.down_bias is None, len(first.gate_up)):
+        if (mlp.gate_up_bias is None, mlp.down_bias is None, len(mlp.gate_up), mlp.gate_up_transposed,
+                mlp.down_transposed) != (first.gate_up_bias is None, first.down_bias is None, len(first.gate_up),
+                                         first.gate_up_transposed, first.down_transposed):
             return "experts differ in their projections or biases"
     return first.unit
 

@@ -72,28 +72,70 @@ class ExpertMLP:
     down: fx.Node
     down_bias: fx.Node | None
     unit: Unit
+    gate_up_transposed: bool = False  # weights stored [in, out] (read as x @ W), not [out, in]
+    down_transposed: bool = False
 
 
-def match_expert_mlp(down: fx.Node) -> ExpertMLP | str | None:
-    """The expert ending in the linear `down`; a reason when its unit or projections are not the
-    op's; None when `down` is not a linear of a linear."""
-    if not is_op(down, aten.linear.default):
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer y = x W^T + b as the graph spells it: aten.linear(x, W, b), or x @ W with a
+    2-D W computed from the model's weights alone (W = V.T: weight V; else W itself, stored
+    transposed)."""
+
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    transposed: bool
+
+
+_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
+
+
+def as_linear(node) -> Linear | None:
+    if is_op(node, aten.linear.default):
+        return Linear(node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None, False)
+    if not is_op(node, aten.matmul.default) or not isinstance(node.args[1], fx.Node):
         return None
-    projections = _projections(down.args[0])
+    w = node.args[1]
+    if val(w).dim() != 2 or any(a.op == "placeholder" for a in ancestors(w) | {w}):
+        return None  # x @ activations (attention), or a weight computed from the inputs
+    if is_op(w, *_TRANSPOSES) or (is_op(w, aten.transpose.int) and {w.args[1] % 2, w.args[2] % 2} == {0, 1}):
+        return Linear(node.args[0], w.args[0], None, False)
+    return Linear(node.args[0], w, None, True)
+
+
+def match_expert_mlp(down_node: fx.Node) -> ExpertMLP | str | None:
+    """The expert ending in the linear `down_node`; a reason when its unit or projections are not the
+    op's; None when `down_node` is not a linear of a linear."""
+    down = as_linear(down_node)
+    if down is None:
+        return None
+    projections = _projections(down.x)
     if not projections or len(projections) > 2:
         return None if not projections else f"expert reads {len(projections)} projections (expected gate_up or gate, up)"
-    if len({p.args[0] for p in projections}) != 1:
+    linears = [as_linear(p) for p in projections]
+    if len({_recomputation(p.x) for p in linears}) != 1:
         return "expert projections read different inputs"
-    biases = [p.args[2] if len(p.args) > 2 else None for p in projections]
-    if len({b is None for b in biases}) != 1:
+    if len({p.bias is None for p in linears}) != 1:
         return "only some of the expert's projections have a bias"
+    if len({p.transposed for p in linears}) != 1:
+        return "the expert's gate and up weights are stored in different layouts ([out, in] and [in, out])"
     width = sum(val(p).shape[-1] for p in projections)
-    unit = recognise_unit(projections, down.args[0], width)
+    unit = recognise_unit(projections, down.x, width)
     if isinstance(unit, str):
         return unit
-    return ExpertMLP(projections[0].args[0], tuple(p.args[1] for p in projections),
-                     None if biases[0] is None else tuple(biases), down.args[1],
-                     down.args[2] if len(down.args) > 2 else None, unit)
+    return ExpertMLP(linears[0].x, tuple(p.weight for p in linears),
+                     None if linears[0].bias is None else tuple(p.bias for p in linears), down.weight,
+                     down.bias, unit, linears[0].transposed, down.transposed)
+
+
+def _recomputation(node: fx.Node):
+    """What identifies the value of `node` up to recomputation: the same op on the same inputs
+    (`h[token]` written once per projection) gives the same key."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or schema.is_mutable:
+        return node
+    return node.target, str(node.args), str(node.kwargs)
 
 
 def _projections(unit_output: fx.Node) -> list[fx.Node]:
@@ -104,7 +146,7 @@ def _projections(unit_output: fx.Node) -> list[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        if is_op(n, aten.linear.default):
+        if as_linear(n) is not None:
             found.add(n)
         elif n.op == "call_function" and (n.target in _ELEMENTWISE | _CASTS | _SELECT or is_op(n, *PASS_THROUGH)):
             stack.extend(n.all_input_nodes)

@@ -71,15 +71,17 @@ def _stacked_weights(g: fx.Graph, m: MoEMatch) -> tuple[fx.Node, fx.Node, fx.Nod
     else:
         # NOTE: per-expert nn.Linear weights are stacked on every call; a frozen-weights compile could
         # fold this into a constant.
-        def stack(pieces: list) -> fx.Node:
-            return g.call_function(aten.stack.default, (pieces,))
+        def stack(pieces: list, transposed: bool = False) -> fx.Node:
+            stacked = g.call_function(aten.stack.default, (pieces,))
+            return g.call_function(aten.transpose.int, (stacked, 1, 2)) if transposed else stacked
 
-        def joined(pieces: tuple) -> fx.Node:
-            return pieces[0] if len(pieces) == 1 else g.call_function(aten.cat.default, (list(pieces), 0))
+        experts, first = m.per_expert, m.per_expert[0]
 
-        experts = m.per_expert
-        gate_up = stack([joined(e.gate_up) for e in experts])
-        down = stack([e.down for e in experts])
+        def joined(pieces: tuple, dim: int = 0) -> fx.Node:
+            return pieces[0] if len(pieces) == 1 else g.call_function(aten.cat.default, (list(pieces), dim))
+
+        gate_up = stack([joined(e.gate_up, int(first.gate_up_transposed)) for e in experts], first.gate_up_transposed)
+        down = stack([e.down for e in experts], first.down_transposed)
         gate_up_bias = stack([joined(e.gate_up_bias) for e in experts]) if experts[0].gate_up_bias else None
         down_bias = stack([e.down_bias for e in experts]) if experts[0].down_bias is not None else None
     if m.unit.layout != "halves" and m.unit.activation in GATED_ACTIVATIONS:

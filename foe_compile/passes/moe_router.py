@@ -175,10 +175,13 @@ def _other_router(scores: fx.Node) -> str | None:
 
 
 def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool]:
-    """Follow top-k values through an optional renormalisation (v / v.sum(-1)) and casts."""
+    """Follow top-k values (scores, never negative) through an optional renormalisation and casts:
+    v / v.sum(-1), or v / torch.norm(v, p=1, dim=-1) (DBRX's; the same sum for values >= 0)."""
     node, renormalize = values, False
-    sums = users(values, aten.sum.dim_IntList)
-    if len(sums) == 1 and list(sums[0].args[1]) in ([-1], [val(values).dim() - 1]):
+    sums = users(values, aten.sum.dim_IntList) + [n for n in users(values, aten.linalg_vector_norm.default)
+                                                  if n.args[1] == 1 and (n.args[3] if len(n.args) > 3 else False)]
+    if len(sums) == 1 and list(sums[0].args[1 + is_op(sums[0], aten.linalg_vector_norm.default)]) in (
+            [-1], [val(values).dim() - 1]):
         divs = [u for u in users(values, aten.div.Tensor, aten.div_.Tensor) if u.args[1] is sums[0]]
         if len(divs) == 1:
             node, renormalize = divs[0], True

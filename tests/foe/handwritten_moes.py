@@ -108,8 +108,51 @@ class UnnormalisedWhere(_Base):
         return out.view_as(x)
 
 
+class StackedMatmul(_Base):
+    """Stacked expert weights stored [in, out] and applied with @ on the gathered tokens:
+    h[token] @ w_in[e] -> chunk -> silu(g) * u -> @ w_out[e]."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        del self.experts
+        self.w_in = nn.Parameter(torch.randn(num_experts, d, 2 * inner) / d ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, inner, d) / inner ** 0.5)
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e in range(self.num_experts):
+            token, slot = torch.where(ids == e)
+            gate, up = (h[token] @ self.w_in[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, (F.silu(gate) * up) @ self.w_out[e] * w[token, slot, None])
+        return out.view_as(x)
+
+
+class FlatMatmulTransposed(_Base):
+    """DBRX's layout: every expert's rows in one flat [E * inner, d] matrix per projection, viewed
+    per expert; gate and up read through .T, down directly."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        del self.experts
+        self.inner = inner
+        self.w1, self.v1, self.w2 = (nn.Parameter(torch.randn(num_experts * inner, d) / d ** 0.5) for _ in range(3))
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e in range(self.num_experts):
+            token, slot = torch.where(ids == e)
+            w1, v1, w2 = (p.view(self.num_experts, self.inner, -1)[e] for p in (self.w1, self.v1, self.w2))
+            y = (F.silu(h[token].matmul(w1.T)) * h[token].matmul(v1.T)).matmul(w2)
+            out.index_add_(0, token, y * w[token, slot, None])
+        return out.view_as(x)
+
+
 SUPPORTED = [DenseLoopMoE, IndexAddLoopMoE, WhereIndexAdd, NonzeroIndexAdd, WhereScatterAdd, WhereIndexPut,
-             TopkThenSoftmax, UnnormalisedWhere]
+             TopkThenSoftmax, UnnormalisedWhere, StackedMatmul, FlatMatmulTransposed]
 
 
 # ---- other expert units foe::experts_swiglu computes --------------------------------------------

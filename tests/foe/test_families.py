@@ -35,7 +35,7 @@ EXACT: dict[str, str | None] = {
     "gpt_oss": None,  # clamped SwiGLU (alpha, limit, up + 1), interleaved gate/up, biases, router bias
     "llama4_text": "matches none of the supported forms",  # routing weight scales the expert input
     "nemotron_h": None,  # ungated ReLU^2 experts
-    "dbrx": "torch.export cannot capture",  # loops over the experts that were hit
+    "dbrx": None,  # experts loop over the hit experts (captured over every expert); weights / norm(p=1)
     "phimoe": None,  # sparsemixer routing (successive argmax picks) stays in the graph
     "gemma4_text": None,  # MoE inline in the decoder layer: the whole-model FX path
 }
@@ -101,6 +101,7 @@ FOE: dict[str, str | None] = {
     "qwen3_5_moe_text": "FoE form",
     "ernie4_5_moe": "FoE form",
     "jamba": "FoE form",
+    "dbrx": "FoE form",  # fused Wqkv with clip_qkv: no recognised attention
 }
 
 

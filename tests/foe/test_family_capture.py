@@ -5,10 +5,13 @@ up, and of routers that pick experts without aten.topk.
   Python loop over the experts that were hit) are captured with transformers' "grouped_mm"
   implementation of the same experts; the user's setting is restored and the eager model stays
   the reference (capture.exportable_experts).
+- Experts classes that loop over the experts that were hit without that decorator (DBRX's) are
+  captured through a forward over every expert (exportable_experts.TRACEABLE_FORWARDS); the
+  eager model stays the reference, so a substitute that drifted from its class is caught.
 - Code that depends on tensor values in a way torch.export cannot record (a loop over nonzero(),
   a Python branch on a tensor value, a slice bound read from a tensor) is refused in one line that
   names the module, file:line and code, says why and what the user can do (capture.CaptureRefused):
-  dbrx, longcat_flash, aria_text, qwen4_exp_text.
+  longcat_flash, aria_text, qwen4_exp_text.
 - A router that picks its k experts by successive argmax (PhiMoE's sparsemixer) is a graph-routed
   block: its routing stays as written and its experts are lowered (moe_router.is_pick_router).
 
@@ -23,7 +26,7 @@ from handwritten_moes import WhereIndexAdd
 from torch import nn
 from user_models import UserMoETransformer
 
-from foe_compile import convert, hf_zoo
+from foe_compile import convert, exportable_experts, hf_zoo
 from foe_compile.capture import CaptureRefused, Positional, capture_kwargs, data_dependent_reason, export_aten
 from foe_compile.passes.find_moe_blocks import find_moe_blocks
 from foe_compile.passes.matches import MOE_KEY
@@ -131,6 +134,30 @@ def test_eager_experts_are_captured_through_grouped_mm_and_the_setting_is_restor
     assert_exact_at_two_shapes(model, converted, model.config.vocab_size)
 
 
+@pytest.mark.families
+@torch.no_grad()
+def test_dbrx_experts_are_captured_over_every_expert_and_restored():
+    model = hf_zoo.tiny_model("dbrx")
+    experts = model.transformer.blocks[0].ffn.experts
+    # 2 tokens x top-2 of 8 experts: at least half of the experts are hit by no token at capture.
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(model.config.vocab_size, 1, 2))
+    assert "forward" not in experts.__dict__  # the substitute was the capture's only
+    assert report.exact and len(lowered_layers(report)) == model.config.n_layers, report.to_table()
+    assert_exact_at_two_shapes(model, converted, model.config.vocab_size)
+
+
+@pytest.mark.families
+@torch.no_grad()
+def test_a_capture_substitute_that_drifted_from_its_class_is_caught(monkeypatch):
+    key = ("transformers.models.dbrx.modeling_dbrx", "DbrxExperts")
+    faithful = exportable_experts.TRACEABLE_FORWARDS[key]
+    monkeypatch.setitem(exportable_experts.TRACEABLE_FORWARDS, key,
+                        lambda self, h, ids, w: faithful(self, h, ids, w * 1.001))  # e.g. a renormalisation lost
+    model = hf_zoo.tiny_model("dbrx")
+    with pytest.raises(ValueError, match="capture of DbrxFFN already differs from the eager model"):
+        convert(model, mode="exact", calibration_inputs=tokens(model.config.vocab_size, 2, 7))
+
+
 # --- routers picking experts by successive argmax -------------------------------------------------
 
 class SuccessiveArgmax(WhereIndexAdd):
@@ -187,8 +214,6 @@ def test_pick_router_anchor_sizes_and_what_is_not_an_anchor():
 
 # family -> (fragments of the one-line refusal: module, model code, why; whether it is in an MoE block).
 REFUSED = {
-    "dbrx": (("DbrxExperts (transformers/models/dbrx/modeling_dbrx.py:", "`for expert_idx in expert_hit:`",
-              "loops over a tensor whose length depends on tensor values"), True),
     "longcat_flash": (("LongcatFlashExperts (transformers/models/longcat_flash/modeling_longcat_flash.py:",
                        "`for expert_idx_tensor in expert_hit:`", "loops over a tensor"), True),
     "aria_text": (("AriaGroupedExpertsGemm (transformers/models/aria/modeling_aria.py:",
