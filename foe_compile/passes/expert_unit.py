@@ -140,13 +140,19 @@ def _recomputation(node: fx.Node):
 
 def _projections(unit_output: fx.Node) -> list[fx.Node]:
     """The linears whose outputs the unit ending at `unit_output` reads, in graph order."""
+    return unit_sources(unit_output, lambda n: as_linear(n) is not None)
+
+
+def unit_sources(unit_output: fx.Node, is_source) -> list[fx.Node]:
+    """The nodes satisfying `is_source` whose outputs the unit ending at `unit_output` reads through
+    elementwise ops, casts and column selections, in graph order."""
     found, stack, seen = set(), [unit_output], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if as_linear(n) is not None:
+        if is_source(n):
             found.add(n)
         elif n.op == "call_function" and (n.target in _ELEMENTWISE | _CASTS | _SELECT or is_op(n, *PASS_THROUGH)):
             stack.extend(n.all_input_nodes)

@@ -18,7 +18,8 @@ UNTOUCHED_KEY = "foe_untouched_blocks"  # [(router node name, why the block was 
 class MoEMatch:
     """One MoE block: router -> top-k -> experts -> weighted combine."""
 
-    kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop"
+    kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop",
+    #            "sort_split" (sort_split.py)
     hidden: fx.Node  # experts' input [..., d]
     router_input: fx.Node | None  # what the router linear reads (a view of `hidden`); None: graph routing
     router_weight: fx.Node | None  # [E, d]; None when the routing stays in the graph

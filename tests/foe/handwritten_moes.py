@@ -2,7 +2,8 @@
 
 Each class is plain PyTorch, independent of foe_compile: the eager module is the reference the
 converted graph is compared with. SUPPORTED compute sum_k w_k * expert_{e_k}(x) with SwiGLU
-experts written in several ways, and SUPPORTED_UNITS with the other units foe::experts_swiglu
+experts written in several ways (selection loops, dense masks, matmul on stacked or flat weight
+matrices, sort + split), and SUPPORTED_UNITS with the other units foe::experts_swiglu
 computes (GELU, a hand-spelled SiLU, ReLU², gpt-oss's clamped GLU with biases and interleaved
 columns); all must be rewritten. GRAPH_ROUTED route in ways the fused routing op does not (the
 routing stays as written). REFUSED compute something else (weights applied to the input, a unit
@@ -151,8 +152,47 @@ class FlatMatmulTransposed(_Base):
         return out.view_as(x)
 
 
+class SortSplit(_Base):
+    """Sort the picks by expert, split the gathered tokens by per-expert counts (tolist), run each
+    expert on its chunk, concatenate, weight by the sorted weights and index_add_ back."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        flat = ids.flatten()
+        order = flat.argsort()
+        token = order // self.top_k
+        counts = F.one_hot(flat, self.num_experts).sum(0).tolist()
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[order, None]).view_as(x)
+
+
+class ParallelExperts(_Base):
+    """JetMoE's layout: stable sort, counts by a scatter of ones, one gate_up GEMM per chunk of a
+    stacked [E, 2I, d] weight, the unit across all rows at once, split again for the down GEMMs."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        del self.experts
+        self.w_in = nn.Parameter(torch.randn(num_experts, 2 * inner, d) / d ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, d, inner) / inner ** 0.5)
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        counts = torch.zeros(h.shape[0], self.num_experts, dtype=w.dtype).scatter(1, ids, 1).long().sum(0).tolist()
+        _, order = ids.flatten().sort(stable=True, dim=0)
+        token = order.div(self.top_k, rounding_mode="trunc")
+        chunks = h[token].split(counts, dim=0)
+        gate_up = torch.cat([F.linear(c, self.w_in[e]) for e, c in enumerate(chunks)])
+        gate, up = gate_up.chunk(2, dim=-1)
+        a = (F.silu(gate) * up).split(counts, dim=0)
+        y = torch.cat([F.linear(c, self.w_out[e]) for e, c in enumerate(a)]) * w.flatten()[order][:, None]
+        return torch.zeros_like(h).index_add(0, token, y).view_as(x)
+
+
 SUPPORTED = [DenseLoopMoE, IndexAddLoopMoE, WhereIndexAdd, NonzeroIndexAdd, WhereScatterAdd, WhereIndexPut,
-             TopkThenSoftmax, UnnormalisedWhere, StackedMatmul, FlatMatmulTransposed]
+             TopkThenSoftmax, UnnormalisedWhere, StackedMatmul, FlatMatmulTransposed, SortSplit, ParallelExperts]
 
 
 # ---- other expert units foe::experts_swiglu computes --------------------------------------------
@@ -368,7 +408,37 @@ GRAPH_ROUTED = [
 ]
 
 # Expert computations foe::experts_swiglu does not express: left as written, with the reason.
+class SortSplitReversedCounts(SortSplit):
+    """Chunk sizes in reverse expert order: chunk e holds other experts' rows."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        flat = ids.flatten()
+        order = flat.argsort()
+        token = order // self.top_k
+        counts = F.one_hot(flat, self.num_experts).sum(0).flip(0).tolist()
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[order, None]).view_as(x)
+
+
+class SortSplitUnsortedWeights(SortSplit):
+    """The weights taken in pick order instead of the sorted order."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        flat = ids.flatten()
+        order = flat.argsort()
+        token = order // self.top_k
+        counts = F.one_hot(flat, self.num_experts).sum(0).tolist()
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[:, None]).view_as(x)
+
+
 REFUSED = [
+    (SortSplitReversedCounts, "split sizes are not the per-expert pick counts in expert order"),
+    (SortSplitUnsortedWeights, "not the routing weights gathered in the sorted order"),
     (WeightsOnInput, "without being multiplied by their routing weights"),
     (ScaledUnit, "besides the projection"),
     (TanhGated, "matches none of foe::experts_swiglu's units"),

@@ -1,0 +1,228 @@
+"""The sort + split expert form (JetMoE's, and a common hand-written one), for find_moe_blocks.
+
+    order  = argsort(ids.flatten())            (or sort(...).indices; ascending)
+    token  = order // k                        (floor_divide, or div with rounding)
+    chunks = x[token].split(counts)            counts[e] = how many picks chose expert e
+    y      = cat([expert_e(chunks[e]) for e])  in expert order
+    out    = zeros.index_add(0, token, y * weights.flatten()[order][:, None])
+
+or with the unit applied across the concatenated projections (JetMoE's parallel experts):
+    h = cat([linear(chunks[e], W_in[e])]); a = unit(h); y = cat([linear(a.split(counts)[e], W_out[e])]).
+
+Row p of the sorted pairs is pick order[p] = (token order[p] // k, slot order[p] % k); its expert
+is ids.flatten()[order[p]], and the chunks hold exactly the rows of experts 0, 1, ... in turn when
+the split sizes are the pick counts per expert in that order. So out[t] is the sum over t's k picks
+of w * expert(x[t]), which is what foe::experts_swiglu computes. Every link of that argument is
+checked on the graph: the sort of the flattened ids (ascending), the token index, the gather, the
+split sizes (each the count of one expert, in order: a histogram of the ids by one_hot or a scatter
+of ones, summed over the picks), the same sizes for both splits, the concatenations in order, the
+weights gathered by the same order, and the combine into zeros.
+"""
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from .expert_forms import _internal, _one_unit, is_zeros
+from .expert_unit import ExpertMLP, as_linear, match_expert_mlp, recognise_unit, unit_sources
+from .infra import PASS_THROUGH, aten, is_op, skip_pass_through, users, val
+from .matches import MoEMatch
+
+_FLATTEN = (aten.flatten.using_ints, aten.reshape.default, aten.view.default)
+_TOKEN = (aten.floor_divide.default, aten.div.Tensor_mode)
+_INDEX_ADD = (aten.index_add_.default, aten.index_add.default)
+
+
+def sort_split(c: dict) -> MoEMatch | str | None:
+    E, k, ids, weights = c["num_experts"], c["top_k"], c["ids"], c["weights"]
+    flat = next((u for u in ids.users if is_op(u, *_FLATTEN) and val(u).dim() == 1), None)
+    order = _ascending_order(flat) if flat is not None else None
+    if order is None:
+        return None
+    token = next((u for u in order.users if is_op(u, *_TOKEN) and u.args[1] == k and _rounds_down(u)), None)
+    gathered = [u for u in token.users if is_op(u, aten.index.Tensor) and u.args[1] == [token]] if token else []
+    splits = [u for g in gathered for u in users(g, aten.split_with_sizes.default)]
+    if len(splits) != 1 or _split_dim(splits[0]) != 0:
+        return None
+    first_split = splits[0]
+    sizes = first_split.args[1]
+    if len(sizes) != E or not all(_counts_expert(s, e, ids, E) for e, s in enumerate(sizes)):
+        return "sort + split: the split sizes are not the per-expert pick counts in expert order"
+    chunks = _parts(first_split, E)
+    combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
+    if chunks is None or combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
+        return None
+    scaled = skip_pass_through(combine.args[3])
+    if not is_op(scaled, aten.mul.Tensor):
+        return "sort + split: expert outputs are combined without being multiplied by their routing weights"
+    cat = next((skip_pass_through(a) for a in scaled.args if is_op(skip_pass_through(a), aten.cat.default)), None)
+    factor = next((a for a in scaled.args if skip_pass_through(a) is not cat), None)
+    if cat is None or _cat_dim(cat) != 0 or len(cat.args[0]) != E:
+        return None
+    weights = _sorted_weights(factor, order, weights, ids)
+    if isinstance(weights, str):
+        return "sort + split: " + weights
+    per_expert = _per_chunk_experts(cat.args[0], chunks)
+    if per_expert is None:
+        per_expert = _parallel_experts(cat.args[0], chunks, sizes)
+    if per_expert is None:
+        return None
+    if isinstance(per_expert, str):
+        return f"sort + split: {per_expert}"
+    unit = _one_unit(per_expert)
+    if isinstance(unit, str):
+        return unit
+    hidden = gathered[0].args[0]
+    return MoEMatch("sort_split", hidden=hidden, output=combine, per_expert=per_expert, unit=unit,
+                    internal=_internal([ids, weights], combine), **{**c, "weights": weights})
+
+
+def _ascending_order(flat: fx.Node) -> fx.Node | None:
+    """The permutation sorting `flat` ascending: argsort(flat) or sort(flat)[1] (stable or not: the
+    order among one expert's picks only changes which of a token's k terms is added first)."""
+    for u in flat.users:
+        if is_op(u, aten.argsort.default, aten.argsort.stable):
+            descending = u.kwargs.get("descending", u.args[2] if len(u.args) > 2 else False)
+            if u.target is aten.argsort.stable:
+                descending = u.kwargs.get("descending", False)
+            if not descending and u.kwargs.get("dim", u.args[1] if len(u.args) > 1 else -1) in (0, -1):
+                return u
+        if is_op(u, aten.sort.default, aten.sort.stable):
+            dim = u.kwargs.get("dim", -1) if u.target is aten.sort.stable else (u.args[1] if len(u.args) > 1 else -1)
+            descending = u.kwargs.get("descending", u.args[2] if u.target is aten.sort.default and len(u.args) > 2
+                                      else False)
+            if dim in (0, -1) and not descending:
+                return next((g for g in u.users if g.target is operator.getitem and g.args[1] == 1), None)
+    return None
+
+
+def _rounds_down(node: fx.Node) -> bool:
+    """order // k: floor_divide, or div with rounding_mode floor/trunc (the same on indices >= 0)."""
+    return is_op(node, aten.floor_divide.default) or node.kwargs.get("rounding_mode") in ("floor", "trunc")
+
+
+def _split_dim(split: fx.Node) -> int:
+    return split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+
+
+def _cat_dim(cat: fx.Node) -> int:
+    return cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+
+
+def _parts(split: fx.Node, count: int) -> list[fx.Node] | None:
+    """The getitem nodes of `split`'s `count` outputs, in order (None if any is missing)."""
+    parts = {u.args[1]: u for u in split.users if u.target is operator.getitem}
+    return [parts[i] for i in range(count)] if sorted(parts) == list(range(count)) else None
+
+
+def _counts_expert(size, expert: int, ids: fx.Node, num_experts: int) -> bool:
+    """Whether the split size `size` is item() of entry `expert` of the pick counts of `ids`."""
+    if not is_op(size, aten.item.default, aten._local_scalar_dense.default):
+        return False
+    entry = size.args[0]
+    if entry.target is operator.getitem and is_op(entry.args[0], aten.unbind.int) and entry.args[1] == expert:
+        counts = entry.args[0].args[0]
+        if (entry.args[0].args[1] if len(entry.args[0].args) > 1 else 0) != 0:
+            return False
+    elif is_op(entry, aten.select.int) and entry.args[1] == 0 and entry.args[2] == expert:
+        counts = entry.args[0]
+    else:
+        return False
+    return _is_histogram(skip_pass_through(counts), ids, num_experts)
+
+
+def _is_histogram(counts: fx.Node, ids: fx.Node, num_experts: int) -> bool:
+    """counts [E] = one-hot rows of the picks summed over every pick: sum(one_hot(ids, E)) over all
+    dims but the last, or a scatter of ones into zeros [T, E] at ids summed over tokens (top-k
+    picks of one token are distinct experts, so each row holds k ones)."""
+    if not is_op(counts, aten.sum.dim_IntList) or val(counts).dim() != 1:
+        return False
+    source = skip_pass_through(counts.args[0])
+    dims = sorted(d % val(source).dim() for d in counts.args[1])
+    if dims != list(range(val(source).dim() - 1)):
+        return False
+    if is_op(source, aten.one_hot.default):
+        return _same_ids(source.args[0], ids) and source.args[1] == num_experts
+    if is_op(source, aten.scatter.value, aten.scatter_.value):
+        return (is_zeros(source.args[0]) and source.args[1] in (-1, val(source).dim() - 1)
+                and _same_ids(source.args[2], ids) and source.args[3] == 1 and val(source).shape[-1] == num_experts)
+    return False
+
+
+def _same_ids(node, ids: fx.Node) -> bool:
+    node = skip_pass_through(node)
+    while is_op(node, *_FLATTEN):
+        node = skip_pass_through(node.args[0])
+    return node is skip_pass_through(ids)
+
+
+def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+    """The routing weights [..., k] when the expert outputs' factor is weights.flatten()[order]
+    (with [:, None] before or after the gather); else why not. With graph routing (weights None):
+    the flattened tensor, when it is shaped like the ids."""
+    node = skip_pass_through(factor) if isinstance(factor, fx.Node) else None
+    while is_op(node, aten.unsqueeze.default, aten.expand.default) or _whole_slice(node):
+        node = skip_pass_through(node.args[0])
+    if not is_op(node, aten.index.Tensor) or node.args[1] != [order]:
+        return "the expert outputs' factor is not the routing weights gathered in the sorted order"
+    chain = [node.args[0]]
+    while is_op(chain[-1], aten.unsqueeze.default, aten.flatten.using_ints, *PASS_THROUGH):
+        chain.append(chain[-1].args[0])
+    source = chain[-1]
+    flattened = any(val(n).dim() == 1 or (val(n).dim() == 2 and val(n).shape[-1] == 1) for n in chain[:-1])
+    if not flattened or val(source).shape != val(ids).shape:
+        return "the expert outputs' factor is not the flattened routing weights"
+    if weights is not None and source is not skip_pass_through(weights):
+        return "expert outputs are scaled by something other than the routing weights"
+    return weights if weights is not None else source
+
+
+def _whole_slice(node) -> bool:
+    """x[:] along some dim (what `x[:, None]` records before its unsqueeze)."""
+    if not is_op(node, aten.slice.Tensor):
+        return False
+    start, end, step = (*node.args[2:], *(None, None, 1)[len(node.args) - 2:])
+    return start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) and step == 1
+
+
+def _per_chunk_experts(outputs: list, chunks: list[fx.Node]) -> list[ExpertMLP] | str | None:
+    """Expert e as a whole (projections, unit, down) on chunk e."""
+    experts = []
+    for e, out in enumerate(outputs):
+        mlp = match_expert_mlp(skip_pass_through(out))
+        if not isinstance(mlp, ExpertMLP):
+            return mlp
+        if mlp.x is not chunks[e]:
+            return f"expert {e} does not read chunk {e} of the split"
+        experts.append(mlp)
+    return experts
+
+
+def _parallel_experts(outputs: list, chunks: list[fx.Node], sizes: list) -> list[ExpertMLP] | str | None:
+    """JetMoE's parallel experts: the gate_up projection per chunk, concatenated, the unit across
+    all rows, split again by the same sizes, the down projection per chunk."""
+    downs = [as_linear(skip_pass_through(o)) for o in outputs]
+    if any(d is None or d.bias is not None for d in downs):
+        return None
+    second = downs[0].x.args[0] if downs[0].x.target is operator.getitem else None
+    if not is_op(second, aten.split_with_sizes.default) or second.args[1] != sizes or _split_dim(second) != 0:
+        return None
+    if [d.x for d in downs] != _parts(second, len(outputs)):
+        return "expert outputs are not the down projections of the chunks in order"
+    unit_output = second.args[0]
+    sources = unit_sources(unit_output, lambda n: is_op(n, aten.cat.default))
+    projected = sources[0] if len(sources) == 1 else None
+    if projected is None or _cat_dim(projected) != 0 or len(projected.args[0]) != len(outputs):
+        return None
+    ups = [as_linear(skip_pass_through(p)) for p in projected.args[0]]
+    if any(u is None or u.bias is not None for u in ups) or [u.x for u in ups] != chunks:
+        return "gate_up projections do not read the chunks in order"
+    if len({(u.transposed, d.transposed) for u, d in zip(ups, downs)}) != 1:
+        return "experts store their weights in different layouts"
+    unit = recognise_unit([projected], unit_output, val(projected).shape[-1])
+    if isinstance(unit, str):
+        return unit
+    return [ExpertMLP(chunks[e], (u.weight,), None, d.weight, None, unit, u.transposed, d.transposed)
+            for e, (u, d) in enumerate(zip(ups, downs))]
+
