@@ -303,14 +303,18 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
         mlp, w = match_expert_mlp(downs[0][0]), downs[0][1]
         if not isinstance(mlp, ExpertMLP):
             return mlp
+        e = _selected_expert(index, ids, E)
+        if _pick_axis(index, ids) != (e, 0):
+            return f"expert {e}'s outputs are combined into rows other than its tokens' (the token column of its picks)"
+        if not _at_picks(w, e, ids):
+            return f"expert {e}'s outputs are not multiplied by the routing weights at its picks (weights[token, slot])"
         weights = _same_weights(w, weights, ids)
         if isinstance(weights, str):
             return "per-" + weights
         x = mlp.x
-        if not is_op(x, aten.index.Tensor):
+        if not is_op(x, aten.index.Tensor) or len(x.args[1]) != 1:
             return None
-        e = _selected_expert(x.args[1][0], ids, E)
-        if e is None or not 0 <= e < E or e in seen or _token_source(index) is not _token_source(x.args[1][0]):
+        if e is None or not 0 <= e < E or e in seen or _pick_axis(x.args[1][0], ids) != (e, 0):
             return None
         seen.add(e)
         if hidden is not None and x.args[0] is not hidden:
@@ -395,6 +399,51 @@ def _selected_expert(token: fx.Node, ids: fx.Node, num_experts: int) -> int | No
         if n.target is operator.getitem or is_op(n, *_SELECTION_OPS):
             stack.append(n.args[0])
     return None
+
+
+def _pick_axis(node: fx.Node, ids: fx.Node) -> tuple[int, int] | None:
+    """(e, axis) when `node` holds, for the picks of expert e, their index along `axis` of the
+    [T, k] ids (0: the token, 1: the slot): a column of where(mask) or of nonzero(mask), mask being
+    ids == e, or expert e's plane of one_hot(ids) (any permutation of it). None otherwise."""
+    node = _token_source(node)
+    if node.target is operator.getitem and is_op(node.args[0], aten.where.default, aten.nonzero_numpy.default):
+        mask, column = node.args[0].args[0], node.args[1]
+    elif is_op(node, aten.select.int) and is_op(node.args[0], aten.nonzero.default) and node.args[1] in (1, -1):
+        mask, column = node.args[0].args[0], node.args[2]
+    else:
+        return None
+    planes = _mask_axes(skip_pass_through(mask) if isinstance(mask, fx.Node) else mask, ids)
+    if planes is None or not isinstance(column, int) or not -2 <= column < 2:
+        return None
+    return planes[0], planes[1][column]
+
+
+def _mask_axes(mask, ids: fx.Node) -> tuple[int, list[int]] | None:
+    """(e, axes): `mask` [a, b] is true where ids == e, its dims being the ids' dims `axes`."""
+    if val(ids).dim() != 2:
+        return None
+    if is_op(mask, aten.eq.Scalar) and skip_pass_through(mask.args[0]) is ids and val(mask).shape == val(ids).shape:
+        return int(mask.args[1]), [0, 1]
+    if not is_op(mask, aten.select.int):
+        return None
+    source, dim, e = skip_pass_through(mask.args[0]), mask.args[1] % 3, mask.args[2]
+    order = [0, 1, 2]
+    if is_op(source, aten.permute.default):
+        order, source = [d % 3 for d in source.args[1]], skip_pass_through(source.args[0])
+    if not is_op(source, aten.one_hot.default) or source.args[0] is not ids or order[dim] != 2:
+        return None
+    return int(e), [d for i, d in enumerate(order) if i != dim]
+
+
+def _at_picks(factor, e: int, ids: fx.Node) -> bool:
+    """Whether `factor` is the [..., k] weights gathered at expert e's picks: w[token, slot] (w
+    unsqueezed before or after the gather, viewed or cast)."""
+    node = _token_source(factor) if isinstance(factor, fx.Node) else None
+    if not is_op(node, aten.index.Tensor) or len(node.args[1]) != 2:
+        return False
+    token, slot = node.args[1]
+    return (tuple(val(node.args[0]).shape[:2]) == tuple(val(ids).shape)
+            and _pick_axis(token, ids) == (e, 0) and _pick_axis(slot, ids) == (e, 1))
 
 
 def _in_graph_order(nodes) -> list[fx.Node]:

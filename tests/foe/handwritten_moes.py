@@ -436,7 +436,35 @@ class SortSplitUnsortedWeights(SortSplit):
         return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[:, None]).view_as(x)
 
 
+class FirstSlotWeights(_Base):
+    """Every pick weighted by its token's first routing weight (w[token, 0], not w[token, slot])."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(h[token]) * w[token, 0, None])
+        return out.view_as(x)
+
+
+class SwappedColumns(_Base):
+    """where(ids == e) read as (slot, token): the columns swapped."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(ids == e)
+            out.index_add_(0, token, expert(h[token]) * w[slot, token, None])
+        return out.view_as(x)
+
+
 REFUSED = [
+    (FirstSlotWeights, "not multiplied by the routing weights at its picks"),
+    (SwappedColumns, "combined into rows other than its tokens'"),
     (SortSplitReversedCounts, "split sizes are not the per-expert pick counts in expert order"),
     (SortSplitUnsortedWeights, "not the routing weights gathered in the sorted order"),
     (WeightsOnInput, "without being multiplied by their routing weights"),
