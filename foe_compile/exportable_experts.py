@@ -8,7 +8,9 @@ experts (same weights, gate, biases and combine) without data-dependent control 
 
 Experts classes that loop over the experts that were hit without that decorator (DBRX's) are
 captured through TRACEABLE_FORWARDS: the same forward looping over every expert, which adds the
-same terms in the same order (an expert no token picked selects no rows and adds nothing).
+same terms in the same order (an expert no token picked selects no rows and adds nothing); and
+Aria's grouped GEMM, which slices its sorted rows at running sums read as Python ints, through
+the same GEMMs on the rows split by the counts.
 
 Either way, only the capture sees the substitute; the eager model (the user's setting, restored
 after the capture) stays the reference that translation validation compares the capture
@@ -45,9 +47,17 @@ def _dbrx_every_expert(self, hidden_states, top_k_index, top_k_weights):
     return next_states.view(batch_size, -1, self.hidden_size)
 
 
+def _aria_split_gemm(self, input, tokens_per_expert):
+    """transformers' AriaGroupedExpertsGemm.forward (sequential_experts_gemm) with the sorted rows
+    split by the per-expert counts instead of sliced at their running sums."""
+    chunks = input.split(tokens_per_expert.tolist())
+    return torch.cat([chunk @ self.weight[expert] for expert, chunk in enumerate(chunks)])
+
+
 # (module, class name) -> a forward with the same signature and result, without data-dependent loops.
 TRACEABLE_FORWARDS = {
     ("transformers.models.dbrx.modeling_dbrx", "DbrxExperts"): _dbrx_every_expert,
+    ("transformers.models.aria.modeling_aria", "AriaGroupedExpertsGemm"): _aria_split_gemm,
 }
 
 

@@ -6,8 +6,10 @@
     y      = cat([expert_e(chunks[e]) for e])  in expert order
     out    = zeros.index_add(0, token, y * weights.flatten()[order][:, None])
 
-or with the unit applied across the concatenated projections (JetMoE's parallel experts):
-    h = cat([linear(chunks[e], W_in[e])]); a = unit(h); y = cat([linear(a.split(counts)[e], W_out[e])]).
+or with the unit applied across the concatenated projections (JetMoE's and Aria's parallel experts):
+    h = cat([linear(chunks[e], W_in[e])]); a = unit(h); y = cat([linear(a.split(counts)[e], W_out[e])]),
+and/or with the picks put back in token-major order before weighting (Aria's):
+    out = (zeros[T*k, d].index_copy_(0, order, y).view(T, k, d) * weights.unsqueeze(-1)).sum(1).
 
 Row p of the sorted pairs is pick order[p] = (token order[p] // k, slot order[p] % k); its expert
 is ids.flatten()[order[p]], and the chunks hold exactly the rows of experts 0, 1, ... in turn when
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx
 
 from .expert_forms import _internal, _one_unit, is_zeros
 from .expert_unit import ExpertMLP, as_linear, match_expert_mlp, recognise_unit, unit_sources
-from .infra import PASS_THROUGH, aten, is_op, skip_pass_through, users, val
+from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 
 _FLATTEN = (aten.flatten.using_ints, aten.reshape.default, aten.view.default)
@@ -36,36 +39,30 @@ _INDEX_ADD = (aten.index_add_.default, aten.index_add.default)
 
 def sort_split(c: dict) -> MoEMatch | str | None:
     E, k, ids, weights = c["num_experts"], c["top_k"], c["ids"], c["weights"]
-    flat = next((u for u in ids.users if is_op(u, *_FLATTEN) and val(u).dim() == 1), None)
-    order = _ascending_order(flat) if flat is not None else None
-    if order is None:
+    orders = [o for u in ids.users if is_op(u, *_FLATTEN) and val(u).dim() == 1
+              for o in [_ascending_order(u)] if o is not None]
+    if len(orders) != 1:
         return None
+    order = orders[0]
     token = next((u for u in order.users if is_op(u, *_TOKEN) and u.args[1] == k and _rounds_down(u)), None)
-    gathered = [u for u in token.users if is_op(u, aten.index.Tensor) and u.args[1] == [token]] if token else []
-    splits = [u for g in gathered for u in users(g, aten.split_with_sizes.default)]
+    splits = [s for g in _gathers(token) for s in users(g, aten.split_with_sizes.default)] if token else []
     if len(splits) != 1 or _split_dim(splits[0]) != 0:
         return None
     first_split = splits[0]
-    sizes = first_split.args[1]
-    if len(sizes) != E or not all(_counts_expert(s, e, ids, E) for e, s in enumerate(sizes)):
+    if not _split_by_counts(first_split, ids, E):
         return "sort + split: the split sizes are not the per-expert pick counts in expert order"
     chunks = _parts(first_split, E)
-    combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
-    if chunks is None or combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
+    combined = _index_add_combine(token, order, weights, ids) or _unsort_combine(order, weights, ids, k)
+    if chunks is None or combined is None:
         return None
-    scaled = skip_pass_through(combine.args[3])
-    if not is_op(scaled, aten.mul.Tensor):
-        return "sort + split: expert outputs are combined without being multiplied by their routing weights"
-    cat = next((skip_pass_through(a) for a in scaled.args if is_op(skip_pass_through(a), aten.cat.default)), None)
-    factor = next((a for a in scaled.args if skip_pass_through(a) is not cat), None)
-    if cat is None or _cat_dim(cat) != 0 or len(cat.args[0]) != E:
+    if isinstance(combined, str):
+        return f"sort + split: {combined}"
+    cat, weights, output = combined
+    if _cat_dim(cat) != 0 or len(cat.args[0]) != E:
         return None
-    weights = _sorted_weights(factor, order, weights, ids)
-    if isinstance(weights, str):
-        return "sort + split: " + weights
     per_expert = _per_chunk_experts(cat.args[0], chunks)
     if per_expert is None:
-        per_expert = _parallel_experts(cat.args[0], chunks, sizes)
+        per_expert = _parallel_experts(cat.args[0], chunks, ids)
     if per_expert is None:
         return None
     if isinstance(per_expert, str):
@@ -73,9 +70,62 @@ def sort_split(c: dict) -> MoEMatch | str | None:
     unit = _one_unit(per_expert)
     if isinstance(unit, str):
         return unit
-    hidden = gathered[0].args[0]
-    return MoEMatch("sort_split", hidden=hidden, output=combine, per_expert=per_expert, unit=unit,
-                    internal=_internal([ids, weights], combine), **{**c, "weights": weights})
+    hidden = first_split.args[0].args[0]
+    return MoEMatch("sort_split", hidden=hidden, output=output, per_expert=per_expert, unit=unit,
+                    internal=_internal([ids, weights], output), **{**c, "weights": weights})
+
+
+def _gathers(token: fx.Node) -> list[fx.Node]:
+    """x[token] or x.index_select(0, token)."""
+    return [u for u in token.users if (is_op(u, aten.index.Tensor) and u.args[1] == [token])
+            or (is_op(u, aten.index_select.default) and u.args[1] == 0 and u.args[2] is token)]
+
+
+def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
+    """(cat, weights, output) for zeros.index_add(0, token, cat(...) * weights.flatten()[order][:, None])."""
+    combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
+    if combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
+        return None
+    scaled = skip_pass_through(combine.args[3])
+    if not is_op(scaled, aten.mul.Tensor):
+        return "expert outputs are combined without being multiplied by their routing weights"
+    cat = next((skip_pass_through(a) for a in scaled.args if is_op(skip_pass_through(a), aten.cat.default)), None)
+    if cat is None:
+        return None
+    factor = next((a for a in scaled.args if skip_pass_through(a) is not cat), None)
+    weights = _sorted_weights(factor, order, weights, ids)
+    return weights if isinstance(weights, str) else (cat, weights, combine)
+
+
+def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int):
+    """(cat, weights, output) for u = zeros[T*k, d].index_copy_(0, order, cat(...)) (the picks back in
+    token-major order), then (u.view(T, k, d) * weights.unsqueeze(-1)).sum(1)."""
+    copy = next((u for u in order.users if is_op(u, aten.index_copy_.default, aten.index_copy.default)
+                 and u.args[2] is order), None)
+    if copy is None or copy.args[1] != 0 or not is_zeros(copy.args[0]):
+        return None
+    cat = skip_pass_through(copy.args[3])
+    if not is_op(cat, aten.cat.default):
+        return None
+    per_pick = only_user(copy)
+    if not is_op(per_pick, aten.view.default, aten.reshape.default) or tuple(val(per_pick).shape[:2]) != tuple(
+            val(ids).shape):
+        return None
+    scaled = only_user(per_pick)
+    if not is_op(scaled, aten.mul.Tensor) or per_pick not in scaled.args:
+        return "expert outputs are combined without being multiplied by their routing weights"
+    factor = next(a for a in scaled.args if a is not per_pick)
+    total = only_user(scaled)
+    if not is_op(total, aten.sum.dim_IntList) or [d % val(scaled).dim() for d in total.args[1]] != [1]:
+        return "the weighted picks are not summed over the k slots"
+    source = factor
+    while is_op(source, aten.unsqueeze.default, *PASS_THROUGH):
+        source = source.args[0]
+    if tuple(val(factor).shape) != (*val(ids).shape, 1) or tuple(val(source).shape) != tuple(val(ids).shape):
+        return "the expert outputs' factor is not the routing weights [T, k, 1]"
+    if weights is not None and source is not skip_pass_through(weights):
+        return "expert outputs are scaled by something other than the routing weights"
+    return cat, weights if weights is not None else source, total
 
 
 def _ascending_order(flat: fx.Node) -> fx.Node | None:
@@ -116,6 +166,11 @@ def _parts(split: fx.Node, count: int) -> list[fx.Node] | None:
     return [parts[i] for i in range(count)] if sorted(parts) == list(range(count)) else None
 
 
+def _split_by_counts(split: fx.Node, ids: fx.Node, num_experts: int) -> bool:
+    sizes = split.args[1]
+    return len(sizes) == num_experts and all(_counts_expert(s, e, ids, num_experts) for e, s in enumerate(sizes))
+
+
 def _counts_expert(size, expert: int, ids: fx.Node, num_experts: int) -> bool:
     """Whether the split size `size` is item() of entry `expert` of the pick counts of `ids`."""
     if not is_op(size, aten.item.default, aten._local_scalar_dense.default):
@@ -134,10 +189,14 @@ def _counts_expert(size, expert: int, ids: fx.Node, num_experts: int) -> bool:
 
 def _is_histogram(counts: fx.Node, ids: fx.Node, num_experts: int) -> bool:
     """counts [E] = one-hot rows of the picks summed over every pick: sum(one_hot(ids, E)) over all
-    dims but the last, or a scatter of ones into zeros [T, E] at ids summed over tokens (top-k
-    picks of one token are distinct experts, so each row holds k ones)."""
-    if not is_op(counts, aten.sum.dim_IntList) or val(counts).dim() != 1:
+    dims but the last, a scatter of ones into zeros [T, E] at ids summed over tokens (top-k
+    picks of one token are distinct experts, so each row holds k ones), or histc of the ids with
+    one bin per expert (Aria's)."""
+    if not is_op(counts, aten.sum.dim_IntList, aten.histc.default) or val(counts).dim() != 1:
         return False
+    if is_op(counts, aten.histc.default):  # ids (exact in float32) in E bins over [0, E - 1]: bin e holds id e
+        return (2 <= num_experts <= 2 ** 16 and list(counts.args[1:4]) == [num_experts, 0, num_experts - 1]
+                and val(counts.args[0]).dtype in (torch.float32, torch.float64) and _same_ids(counts.args[0], ids))
     source = skip_pass_through(counts.args[0])
     dims = sorted(d % val(source).dim() for d in counts.args[1])
     if dims != list(range(val(source).dim() - 1)):
@@ -199,15 +258,17 @@ def _per_chunk_experts(outputs: list, chunks: list[fx.Node]) -> list[ExpertMLP] 
     return experts
 
 
-def _parallel_experts(outputs: list, chunks: list[fx.Node], sizes: list) -> list[ExpertMLP] | str | None:
+def _parallel_experts(outputs: list, chunks: list[fx.Node], ids: fx.Node) -> list[ExpertMLP] | str | None:
     """JetMoE's parallel experts: the gate_up projection per chunk, concatenated, the unit across
     all rows, split again by the same sizes, the down projection per chunk."""
     downs = [as_linear(skip_pass_through(o)) for o in outputs]
     if any(d is None or d.bias is not None for d in downs):
         return None
     second = downs[0].x.args[0] if downs[0].x.target is operator.getitem else None
-    if not is_op(second, aten.split_with_sizes.default) or second.args[1] != sizes or _split_dim(second) != 0:
+    if not is_op(second, aten.split_with_sizes.default) or _split_dim(second) != 0:
         return None
+    if not _split_by_counts(second, ids, len(outputs)):
+        return "the unit's output is not split by the per-expert pick counts in expert order"
     if [d.x for d in downs] != _parts(second, len(outputs)):
         return "expert outputs are not the down projections of the chunks in order"
     unit_output = second.args[0]

@@ -191,8 +191,33 @@ class ParallelExperts(_Base):
         return torch.zeros_like(h).index_add(0, token, y).view_as(x)
 
 
+class PermuteUnpermute(_Base):
+    """Permute / unpermute: picks sorted by expert, tokens gathered with index_select, counts by
+    histc, one GEMM per chunk of a stacked [E, d, 2I] weight (stored [in, out]), the picks put
+    back in token-major order with index_copy_, then weighted and summed over the k slots."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        del self.experts
+        self.w_in = nn.Parameter(torch.randn(num_experts, d, 2 * inner) / d ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, inner, d) / inner ** 0.5)
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        E, k = self.num_experts, self.top_k
+        counts = torch.histc(ids.flatten().float(), bins=E, min=0, max=E - 1).long().tolist()
+        order = torch.argsort(ids.view(-1))
+        rows = h.index_select(0, order // k).split(counts)
+        gate, up = torch.cat([r @ self.w_in[e] for e, r in enumerate(rows)]).chunk(2, dim=-1)
+        y = torch.cat([a @ self.w_out[e] for e, a in enumerate((F.silu(gate) * up).split(counts))])
+        picks = torch.zeros(h.shape[0] * k, h.shape[1], dtype=y.dtype).index_copy_(0, order, y)
+        return (picks.view(-1, k, h.shape[1]) * w.unsqueeze(-1)).sum(dim=1).view_as(x)
+
+
 SUPPORTED = [DenseLoopMoE, IndexAddLoopMoE, WhereIndexAdd, NonzeroIndexAdd, WhereScatterAdd, WhereIndexPut,
-             TopkThenSoftmax, UnnormalisedWhere, StackedMatmul, FlatMatmulTransposed, SortSplit, ParallelExperts]
+             TopkThenSoftmax, UnnormalisedWhere, StackedMatmul, FlatMatmulTransposed, SortSplit, ParallelExperts,
+             PermuteUnpermute]
 
 
 # ---- other expert units foe::experts_swiglu computes --------------------------------------------

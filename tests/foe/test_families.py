@@ -36,6 +36,7 @@ EXACT: dict[str, str | None] = {
     "llama4_text": "matches none of the supported forms",  # routing weight scales the expert input
     "nemotron_h": None,  # ungated ReLU^2 experts
     "dbrx": None,  # experts loop over the hit experts (captured over every expert); weights / norm(p=1)
+    "aria_text": None,  # sort + split with histc counts, index_copy_ unsort (grouped GEMM captured split by counts)
     "jetmoe": None,  # sort + split experts (its mixture-of-attention routers are left as written)
     "phimoe": None,  # sparsemixer routing (successive argmax picks) stays in the graph
     "gemma4_text": None,  # MoE inline in the decoder layer: the whole-model FX path
@@ -102,6 +103,7 @@ FOE: dict[str, str | None] = {
     "qwen3_5_moe_text": "FoE form",
     "ernie4_5_moe": "FoE form",
     "jamba": "FoE form",
+    "aria_text": None,  # sort + split experts, quota-routed
     "jetmoe": "needs every MoE block rewritten",  # mixture-of-attention experts stay as written
     "dbrx": "FoE form",  # fused Wqkv with clip_qkv: no recognised attention
 }

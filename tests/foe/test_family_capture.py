@@ -7,11 +7,12 @@ up, and of routers that pick experts without aten.topk.
   the reference (capture.exportable_experts).
 - Experts classes that loop over the experts that were hit without that decorator (DBRX's) are
   captured through a forward over every expert (exportable_experts.TRACEABLE_FORWARDS); the
-  eager model stays the reference, so a substitute that drifted from its class is caught.
+  eager model stays the reference, so a substitute that drifted from its class is caught; Aria's
+  grouped GEMM (slices at running sums read as Python ints) is captured split by the counts.
 - Code that depends on tensor values in a way torch.export cannot record (a loop over nonzero(),
   a Python branch on a tensor value, a slice bound read from a tensor) is refused in one line that
   names the module, file:line and code, says why and what the user can do (capture.CaptureRefused):
-  longcat_flash, aria_text, qwen4_exp_text.
+  longcat_flash, qwen4_exp_text.
 - A router that picks its k experts by successive argmax (PhiMoE's sparsemixer) is a graph-routed
   block: its routing stays as written and its experts are lowered (moe_router.is_pick_router).
 
@@ -216,8 +217,6 @@ def test_pick_router_anchor_sizes_and_what_is_not_an_anchor():
 REFUSED = {
     "longcat_flash": (("LongcatFlashExperts (transformers/models/longcat_flash/modeling_longcat_flash.py:",
                        "`for expert_idx_tensor in expert_hit:`", "loops over a tensor"), True),
-    "aria_text": (("AriaGroupedExpertsGemm (transformers/models/aria/modeling_aria.py:",
-                   "`output[start:end] = out`", "as a Python int"), True),
     "qwen4_exp_text": (("Qwen4ExpTextQSAIndexer (transformers/models/qwen4_exp/modeling_qwen4_exp.py:",
                         "`if num_complete_blocks > 0:`", "branches in Python"), False),
 }
