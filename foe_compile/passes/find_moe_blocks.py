@@ -73,4 +73,14 @@ def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routi
         "selecting tokens with one_hot/where/nonzero and combining with index_add_/scatter_add_/index_put_; "
         "per-expert dense mask loops; sort + split by per-expert counts)")
     where = f"router {linear.name} -> {topk.name}" if linear is not None else f"{topk.name} ({graph_routing})"
+    attention = _attention_module(topk)
+    if attention:
+        why = (f"the router is inside the attention module {attention} (experts that are attention heads, a "
+               f"mixture of attention: foe::experts_swiglu computes MLP experts); {why}")
     return f"{where}: {why}"
+
+
+def _attention_module(node: fx.Node) -> str | None:
+    """The path of the innermost module whose class is an attention module that `node` was traced in."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return next((path for path, cls in reversed(stack) if "Attention" in str(cls).rsplit(".", 1)[-1]), None)
