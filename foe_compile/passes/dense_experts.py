@@ -18,6 +18,8 @@ between the down bmm and the sum over the E experts.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -43,6 +45,8 @@ def dense_weighted_input(c: dict) -> MoEMatch | str | None:
     E, ids = c["num_experts"], c["ids"]
     if c["weights"] is not None:
         return None  # a fused router's weights: the dense form reads its own scattered matrix
+    if not (ids.target is operator.getitem and is_op(ids.args[0], aten.topk.default)):
+        return None  # distinct picks per token (a scatter writes a repeated pick once; the op would add it twice)
     scatters = [u for u in ids.users if is_op(u, *_SCATTERS) and skip_pass_through(u.args[2]) is ids]
     if len(scatters) != 1:
         return None
@@ -53,7 +57,7 @@ def dense_weighted_input(c: dict) -> MoEMatch | str | None:
     scatter, mul = scatters[0], muls[0]
     x, scores = _repeated_input(mul, E)
     weights = _expert_major(scores, E)
-    if weights is None:
+    if weights is None or not statically_known_true(val(weights).shape[0] == val(x).shape[0]):
         return ("dense experts read routing weights that are not the [T, E] matrix flattened expert-major "
                 f"({_name(scores)} {scores.name})")
     why = _scored_scatter(scatter, weights, E) or _same_dtype(x, weights, mul)
@@ -81,7 +85,7 @@ def _expert_major(factor: fx.Node, num_experts: int) -> fx.Node | None:
     if not isinstance(factor, fx.Node) or val(factor).dim() != 2 or val(factor).shape[1] != 1:
         return None
     node = factor
-    while is_op(node, *_VIEWS):
+    while is_op(node, *_VIEWS, aten.unsqueeze.default, aten.flatten.using_ints):  # the row-major order stays
         node = node.args[0]
     swaps = {aten.t.default: lambda args: True, aten.transpose.int: lambda args: {d % 2 for d in args[1:]} == {0, 1},
              aten.permute.default: lambda args: [d % 2 for d in args[1]] == [1, 0]}
@@ -151,7 +155,7 @@ def _stacked_experts(mul: fx.Node, x: fx.Node, num_experts: int, c: dict):
         output = nxt
     total = only_user(output)
     if not (is_op(total, aten.sum.dim_IntList) and list(total.args[1]) in ([0], [-3]) and len(total.args) == 2
-            and _per_expert_rows(output, x, num_experts)):
+            and not total.kwargs and _per_expert_rows(output, x, num_experts)):
         found = _name(total) if total is not None else "several users"
         return ("dense experts' outputs are not summed over the experts as they are (the down bmm's rows viewed "
                 f"[E, T, d], then summed over dim 0); found {found} after the down bmm")
