@@ -32,7 +32,6 @@ from .moe_router import is_last_dim
 
 _SCATTERS = (aten.scatter.src, aten.scatter_.src, aten.scatter.value, aten.scatter_.value)
 _FILLS = (aten.full.default, aten.full_like.default, aten.new_full.default)
-_TRANSPOSES = (aten.transpose.int, aten.permute.default, aten.t.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 # Elementwise ops the scores f may apply to the scattered matrix (one tensor input each).
 _SCORE_OPS = (aten.sigmoid.default, aten.exp.default, aten.sqrt.default, aten.softplus.default, aten.relu.default,
