@@ -70,6 +70,8 @@ CATEGORIES = [
     (r"router scores come from (\S+)", "router matcher: scoring other than softmax"),
     (r"router \S+ has a bias", "router matcher: router linear with a bias"),
     (r"top-k on logits without a softmax", "router matcher: top-k on raw logits, no softmax over the picks"),
+    (r"picked logits scattered into", "router matcher: top-k on logits scattered into a [T, E] matrix and scored there "
+     "(Llama 4; routing stays in the graph)"),
     (r"does not read RMSNorm\(residual \+ attention output\)",
      "FoE form: router input is not RMSNorm(residual + attention output)"),
     (r"needs an attention between consecutive MoE/MLP blocks",

@@ -1,5 +1,6 @@
 // foe::experts_swiglu on CPU: per expert, one gathered GEMM pair over the rows routed to it.
 //   out[g(e), t] += w[t, j] * (down_e unit(gate_up_e x_t + b_e) + c_e)   for the picks (t, j) of expert e
+// or, with weight_input (Llama 4), out[g(e), t] += down_e unit(gate_up_e (w[t, j] x_t) + b_e) + c_e
 // with unit() the expert unit of reference.expert_unit (default: silu(gate) * up). Experts run in ascending
 // order and each op rounds to x's dtype where the reference's ops do (biases join inside at::linear's GEMM, in
 // its accumulation dtype, as in the reference's F.linear), so results match the reference up to GEMM
@@ -48,7 +49,7 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, co
                               const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
                               c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
                               const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
-                              double up_offset) {
+                              double up_offset, bool weight_input) {
   const ExpertUnit unit = check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets,
                                             num_groups, activation, gate_up_bias, down_bias, alpha, limit, up_offset);
   TORCH_CHECK(x.device().is_cpu(), "experts_swiglu_cpu got a ", x.device(), " tensor");
@@ -61,7 +62,8 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, co
   const auto pairs = sorted_pairs.reshape({-1});                         // [T*k] p = t*k + j, grouped by expert
   const auto tokens = at::floor_divide(pairs, k);                        // [T*k] token of each pair
   const auto pair_weights = topk_weights.reshape({-1}).index_select(0, pairs).unsqueeze(1);  // [T*k,1]
-  const auto rows = x.index_select(0, tokens);                           // [T*k,d] gathered once
+  auto rows = x.index_select(0, tokens);                                 // [T*k,d] gathered once
+  if (weight_input) rows = rows * pair_weights;                          // w * x_t in x's dtype
   const auto offsets = expert_offsets.to(at::kCPU).contiguous();
   const int64_t* bounds = offsets.const_data_ptr<int64_t>();             // [E+1]
   for (int64_t e = 0; e < E; ++e) {
@@ -69,7 +71,8 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x, const at::Tensor& gate_up, co
     if (end == begin) continue;
     const auto h = at::linear(rows.slice(0, begin, end), gate_up[e], bias_of(gate_up_bias, e));  // [n,2I] or [n,I]
     const auto hidden = expert_unit(h, unit);                                                    // [n,I]
-    const auto y = at::linear(hidden, down[e], bias_of(down_bias, e)) * pair_weights.slice(0, begin, end);  // [n,d]
+    auto y = at::linear(hidden, down[e], bias_of(down_bias, e));                                 // [n,d]
+    if (!weight_input) y = y * pair_weights.slice(0, begin, end);
     out[e / experts_per_group].index_add_(0, tokens.slice(0, begin, end), y);
   }
   return out;

@@ -67,7 +67,7 @@ at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, c
                                const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
                                c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
                                const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
-                               double up_offset) {
+                               double up_offset, bool weight_input) {
   const ExpertUnit unit = check_experts_args(x, gate_up, down, topk_ids, topk_weights, sorted_pairs, expert_offsets,
                                             num_groups, activation, gate_up_bias, down_bias, alpha, limit, up_offset);
   TORCH_CHECK(x.is_cuda(), "experts_swiglu_cuda got a ", x.device(), " tensor");
@@ -92,13 +92,15 @@ at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, c
     using Kernels = ExpertsKernels<scalar_t>;
     const dim3 up_grid(static_cast<unsigned>(n), static_cast<unsigned>((inter + FOE_ROWS_PER_BLOCK - 1) / FOE_ROWS_PER_BLOCK));
     Kernels::up<<<up_grid, FOE_EXPERT_THREADS, 0, stream>>>(
-        as_kernel<scalar_t>(xs), as_kernel<scalar_t>(gu), as_kernel<scalar_t>(gu_bias), ll_ptr(ids), ll_ptr(pairs), d,
-        inter, static_cast<int>(k), static_cast<int>(unit.activation), static_cast<float>(alpha), limit_value,
-        static_cast<float>(up_offset), hidden.mutable_data_ptr<float>());
+        as_kernel<scalar_t>(xs), as_kernel<scalar_t>(gu), as_kernel<scalar_t>(gu_bias), ll_ptr(ids), ll_ptr(pairs),
+        weight_input ? as_kernel<scalar_t>(weights) : nullptr, d, inter, static_cast<int>(k),
+        static_cast<int>(unit.activation), static_cast<float>(alpha), limit_value, static_cast<float>(up_offset),
+        hidden.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 down_grid(static_cast<unsigned>(T * num_groups), static_cast<unsigned>((d + FOE_ROWS_PER_BLOCK - 1) / FOE_ROWS_PER_BLOCK));
     Kernels::down<<<down_grid, FOE_EXPERT_THREADS, 0, stream>>>(
-        as_kernel<scalar_t>(dn), as_kernel<scalar_t>(dn_bias), ll_ptr(ids), as_kernel<scalar_t>(weights),
+        as_kernel<scalar_t>(dn), as_kernel<scalar_t>(dn_bias), ll_ptr(ids),
+        weight_input ? nullptr : as_kernel<scalar_t>(weights),  // weights scale either the input or the output
         hidden.const_data_ptr<float>(), d, inter, static_cast<int>(k), static_cast<int>(E / num_groups),
         static_cast<int>(num_groups), T,
         reinterpret_cast<typename Kernels::type*>(out.mutable_data_ptr<scalar_t>()));

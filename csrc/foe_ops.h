@@ -82,7 +82,8 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual /*[1 or H,T,d]*/,
                                     const std::optional<at::Tensor>& correction_bias = std::nullopt /*[E]*/,
                                     double routed_scaling = 1.0);
 
-// The arguments after num_groups are the schema's unit arguments, with its defaults (the plain SiLU SwiGLU).
+// The arguments after num_groups are the schema's unit arguments, with its defaults (the plain SiLU SwiGLU), then
+// weight_input: the routing weight scales the expert's input (w * x_t, in x's dtype) instead of its output.
 at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& gate_up /*[E,2I,d] or [E,I,d]*/,
                               const at::Tensor& down /*[E,d,I]*/, const at::Tensor& topk_ids /*[T,k]*/,
                               const at::Tensor& topk_weights /*[T,k]*/, const at::Tensor& sorted_pairs /*[T*k]*/,
@@ -90,7 +91,8 @@ at::Tensor experts_swiglu_cpu(const at::Tensor& x /*[T,d]*/, const at::Tensor& g
                               c10::string_view activation = "silu",
                               const std::optional<at::Tensor>& gate_up_bias = std::nullopt /*[E,2I] or [E,I]*/,
                               const std::optional<at::Tensor>& down_bias = std::nullopt /*[E,d]*/, double alpha = 1.0,
-                              std::optional<double> limit = std::nullopt, double up_offset = 0.0);
+                              std::optional<double> limit = std::nullopt, double up_offset = 0.0,
+                              bool weight_input = false);
 
 #ifdef FOE_WITH_CUDA
 RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tensor& partials,
@@ -103,7 +105,7 @@ at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, c
                                const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,
                                c10::string_view activation, const std::optional<at::Tensor>& gate_up_bias,
                                const std::optional<at::Tensor>& down_bias, double alpha, std::optional<double> limit,
-                               double up_offset);
+                               double up_offset, bool weight_input);
 #endif
 
 }  // namespace foe

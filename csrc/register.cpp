@@ -13,8 +13,8 @@ TORCH_LIBRARY_FRAGMENT(foe, m) {
   m.def(
       "experts_swiglu_native(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor topk_weights, "
       "Tensor sorted_pairs, Tensor expert_offsets, int num_groups, str activation=\"silu\", "
-      "Tensor? gate_up_bias=None, Tensor? down_bias=None, float alpha=1.0, float? limit=None, float up_offset=0.0) "
-      "-> Tensor");
+      "Tensor? gate_up_bias=None, Tensor? down_bias=None, float alpha=1.0, float? limit=None, float up_offset=0.0, "
+      "bool weight_input=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(foe, CPU, m) {

@@ -2,10 +2,12 @@
 // dot products, no tensor cores); the tuned CUDA path for this op is the Triton kernel.
 //   foe_experts_up_<dtype>    grid (n sorted positions, ceil(I/8)): hidden[pair] = unit(gate_up_e x + b_e), the
 //                             expert unit of reference.expert_unit (blocks of one expert are adjacent, so its
-//                             weight rows stay in L2)
+//                             weight rows stay in L2); x is w * x_t, rounded to the dtype, when given
+//                             input weights (weight_input, Llama 4)
 //   foe_experts_down_<dtype>  grid (T*G, ceil(d/8)): out[g, t] = sum over t's picks in group g, in
-//                             ascending expert order, of w * (down_e @ hidden[pair] + c_e); no atomics, so
-//                             results are deterministic (CUDA-graph replay equals eager)
+//                             ascending expert order, of w * (down_e @ hidden[pair] + c_e) (w = 1 when the
+//                             weights are null: they scaled the input); no atomics, so results are
+//                             deterministic (CUDA-graph replay equals eager)
 // Each step rounds to the dtype where reference.py's ops do; biases join the fp32 dot products before that
 // rounding (as F.linear's). The unit is a runtime argument: it costs a few flops per hidden entry, next to
 // a d-long dot product.
@@ -57,12 +59,33 @@ __device__ __forceinline__ float foe_gated_unit(float g, float u, int activation
   return foe_round<scalar_t>(foe_gate_activation<scalar_t>(g, activation, alpha) * foe_round<scalar_t>(u + up_offset));
 }
 
+// Dot product of the row w * a (each product rounded to scalar_t, as torch's `w * x` in the dtype) with a
+// [n] weight row by one warp, fp32 accumulation.
+template <typename scalar_t>
+__device__ __forceinline__ float foe_warp_dot_weighted(const scalar_t* a /*[n]*/, float w, const scalar_t* b /*[n]*/,
+                                                       long long n) {
+  float acc = 0.f;
+  for (long long i = threadIdx.x & 31; i < n; i += 32) {
+    acc += foe_round<scalar_t>(w * foe_to_float(a[i])) * foe_to_float(b[i]);
+  }
+  return foe_warp_sum(acc);
+}
+
+// The expert's input x_t, or w * x_t when input_weight is given, dotted with one gate_up row.
+template <typename scalar_t>
+__device__ __forceinline__ float foe_input_dot(const scalar_t* x /*[d]*/, const scalar_t* input_weight /*or null*/,
+                                               const scalar_t* row /*[d]*/, long long d) {
+  return input_weight == nullptr ? foe_warp_dot(x, row, d)
+                                 : foe_warp_dot_weighted(x, foe_to_float(*input_weight), row, d);
+}
+
 template <typename scalar_t>
 __device__ void foe_experts_up(const scalar_t* x /*[T,d]*/, const scalar_t* gate_up /*[E,2I,d] or [E,I,d]*/,
                                const scalar_t* gate_up_bias /*[E,2I] or [E,I], or null*/,
-                               const long long* ids /*[T*k]*/, const long long* pairs /*[n]*/, long long d,
-                               long long inter, int k, int activation, float alpha, float limit, float up_offset,
-                               float* hidden /*[n,I], indexed by pair*/) {
+                               const long long* ids /*[T*k]*/, const long long* pairs /*[n]*/,
+                               const scalar_t* input_weights /*[T*k] routing weights scaling x, or null*/,
+                               long long d, long long inter, int k, int activation, float alpha, float limit,
+                               float up_offset, float* hidden /*[n,I], indexed by pair*/) {
   const long long pair = pairs[blockIdx.x];
   const long long token = pair / k, expert = ids[pair];
   const long long row = (long long)blockIdx.y * FOE_ROWS_PER_BLOCK + (threadIdx.x >> 5);
@@ -71,10 +94,11 @@ __device__ void foe_experts_up(const scalar_t* x /*[T,d]*/, const scalar_t* gate
   const long long rows = gated ? 2 * inter : inter;  // gate_up rows per expert
   const scalar_t* gate_row = gate_up + (expert * rows + row) * d;
   const scalar_t* bias = gate_up_bias == nullptr ? nullptr : gate_up_bias + expert * rows + row;
-  const float gate = foe_linear_out<scalar_t>(foe_warp_dot(x + token * d, gate_row, d), bias);
+  const scalar_t* input_weight = input_weights == nullptr ? nullptr : input_weights + pair;
+  const float gate = foe_linear_out<scalar_t>(foe_input_dot(x + token * d, input_weight, gate_row, d), bias);
   float unit;
   if (gated) {
-    const float up = foe_linear_out<scalar_t>(foe_warp_dot(x + token * d, gate_row + inter * d, d),
+    const float up = foe_linear_out<scalar_t>(foe_input_dot(x + token * d, input_weight, gate_row + inter * d, d),
                                               bias == nullptr ? nullptr : bias + inter);
     unit = foe_gated_unit<scalar_t>(gate, up, activation, alpha, limit, up_offset);
   } else {  // relu2; `gate < 0` keeps a NaN as torch.relu does
@@ -86,7 +110,7 @@ __device__ void foe_experts_up(const scalar_t* x /*[T,d]*/, const scalar_t* gate
 
 template <typename scalar_t>
 __device__ void foe_experts_down(const scalar_t* down /*[E,d,I]*/, const scalar_t* down_bias /*[E,d], or null*/,
-                                 const long long* ids /*[T,k]*/, const scalar_t* weights /*[T,k]*/,
+                                 const long long* ids /*[T,k]*/, const scalar_t* weights /*[T,k], or null: w = 1*/,
                                  const float* hidden /*[T*k,I]*/, long long d,
                                  long long inter, int k, int experts_per_group, int groups, long long T,
                                  scalar_t* out /*[G,T,d]*/) {
@@ -112,7 +136,8 @@ __device__ void foe_experts_down(const scalar_t* down /*[E,d,I]*/, const scalar_
     const scalar_t* down_row = down + (expert * d + row) * inter;
     for (long long i = threadIdx.x & 31; i < inter; i += 32) y += foe_to_float(down_row[i]) * h[i];
     const scalar_t* bias = down_bias == nullptr ? nullptr : down_bias + expert * d + row;
-    y = foe_round<scalar_t>(foe_linear_out<scalar_t>(foe_warp_sum(y), bias) * foe_to_float(weights[token * k + slot]));
+    const float w = weights == nullptr ? 1.f : foe_to_float(weights[token * k + slot]);
+    y = foe_round<scalar_t>(foe_linear_out<scalar_t>(foe_warp_sum(y), bias) * w);
     acc = foe_round<scalar_t>(acc + y);
   }
   if ((threadIdx.x & 31) == 0) out[((long long)group * T + token) * d + row] = foe_from_float<scalar_t>(acc);
@@ -121,10 +146,10 @@ __device__ void foe_experts_down(const scalar_t* down /*[E,d,I]*/, const scalar_
 #define FOE_EXPERTS_ENTRY(SUFFIX, TYPE)                                                                           \
   extern "C" __global__ void __launch_bounds__(FOE_EXPERT_THREADS) foe_experts_up_##SUFFIX(                       \
       const TYPE* x, const TYPE* gate_up, const TYPE* gate_up_bias, const long long* ids, const long long* pairs, \
-      long long d, long long inter, int k, int activation, float alpha, float limit, float up_offset,             \
-      float* hidden) {                                                                                            \
-    foe_experts_up<TYPE>(x, gate_up, gate_up_bias, ids, pairs, d, inter, k, activation, alpha, limit, up_offset,  \
-                         hidden);                                                                                 \
+      const TYPE* input_weights, long long d, long long inter, int k, int activation, float alpha, float limit,  \
+      float up_offset, float* hidden) {                                                                           \
+    foe_experts_up<TYPE>(x, gate_up, gate_up_bias, ids, pairs, input_weights, d, inter, k, activation, alpha,     \
+                         limit, up_offset, hidden);                                                               \
   }                                                                                                               \
   extern "C" __global__ void __launch_bounds__(FOE_EXPERT_THREADS) foe_experts_down_##SUFFIX(                     \
       const TYPE* down, const TYPE* down_bias, const long long* ids, const TYPE* weights, const float* hidden,    \

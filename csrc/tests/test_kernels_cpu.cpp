@@ -1,5 +1,6 @@
 // CTest: the C++ CPU kernels against a scalar C++ reference written here (formulas of reference.py), the
-// experts for every expert unit variant (activations, biases, gpt-oss's alpha / limit / up_offset); the
+// experts for every expert unit variant (activations, biases, gpt-oss's alpha / limit / up_offset) and with the
+// routing weight on the input (weight_input, Llama 4); the
 // router variants are in test_route_variants_cpu.cpp.
 // Float outputs within 1e-5 (fp32), ids / sorted_pairs / expert_offsets exactly equal, including the
 // stable order of pairs within an expert. NaN rows and exact ties: ids equal at::topk's (the reference's
@@ -80,13 +81,15 @@ void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_gr
   expect(equal(offsets, want_offsets), "expert_offsets", T, E, k, H);
 }
 
-// An expert unit of foe::experts_swiglu (the schema's unit arguments) and whether both biases are passed.
+// An expert unit of foe::experts_swiglu (the schema's unit arguments), whether both biases are passed and
+// whether the routing weight scales the expert's input (weight_input) rather than its output.
 struct Unit {
   const char* activation = "silu";
   double alpha = 1.0;
   std::optional<double> limit;
   double up_offset = 0.0;
   bool biases = false;
+  bool weight_input = false;
   bool gated() const { return std::string(activation) != "relu2"; }
 };
 
@@ -110,7 +113,8 @@ float unit_value(float g, float u, const Unit& unit) {
   return act * (u + static_cast<float>(unit.up_offset));
 }
 
-// Experts: out[g(e), t] += w * (down_e unit(gate_up_e x + b_e) + c_e), gate rows first (gated units).
+// Experts: out[g(e), t] += w * (down_e unit(gate_up_e x + b_e) + c_e), gate rows first (gated units); with
+// weight_input: out[g(e), t] += down_e unit(gate_up_e (w x) + b_e) + c_e.
 void check_experts(int64_t T, int64_t E, int64_t k, int64_t H, const Unit& unit = {}, int64_t d = 24,
                    int64_t inter = 20) {
   const auto routed = foe::sum_route_dispatch_cpu(at::zeros({1, T, d}), at::randn({H, T, d}), at::ones({d}), 1e-6,
@@ -122,7 +126,8 @@ void check_experts(int64_t T, int64_t E, int64_t k, int64_t H, const Unit& unit 
   const std::optional<at::Tensor> gate_up_bias = unit.biases ? std::optional(at::randn({E, rows})) : std::nullopt;
   const std::optional<at::Tensor> down_bias = unit.biases ? std::optional(at::randn({E, d})) : std::nullopt;
   const auto out = foe::experts_swiglu_cpu(x, gate_up, down, ids, weights, pairs, offsets, H, unit.activation,
-                                           gate_up_bias, down_bias, unit.alpha, unit.limit, unit.up_offset);
+                                           gate_up_bias, down_bias, unit.alpha, unit.limit, unit.up_offset,
+                                           unit.weight_input);
   std::vector<float> want(H * T * d, 0.f);
   const float *xs = x.const_data_ptr<float>(), *gu = gate_up.const_data_ptr<float>(), *dn = down.const_data_ptr<float>();
   const float* w = weights.const_data_ptr<float>();
@@ -132,36 +137,41 @@ void check_experts(int64_t T, int64_t E, int64_t k, int64_t H, const Unit& unit 
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = id[t * k + j];
+      const float in_w = unit.weight_input ? w[t * k + j] : 1.f, out_w = unit.weight_input ? 1.f : w[t * k + j];
       std::vector<float> h(inter);
       for (int64_t i = 0; i < inter; ++i) {
         float gate = gub ? gub[e * rows + i] : 0.f, up = gub && unit.gated() ? gub[e * rows + inter + i] : 0.f;
         for (int64_t c = 0; c < d; ++c) {
-          gate += gu[(e * rows + i) * d + c] * xs[t * d + c];
-          if (unit.gated()) up += gu[(e * rows + inter + i) * d + c] * xs[t * d + c];
+          const float xc = in_w * xs[t * d + c];
+          gate += gu[(e * rows + i) * d + c] * xc;
+          if (unit.gated()) up += gu[(e * rows + inter + i) * d + c] * xc;
         }
         h[i] = unit_value(gate, up, unit);
       }
       for (int64_t c = 0; c < d; ++c) {
         float y = db ? db[e * d + c] : 0.f;
         for (int64_t i = 0; i < inter; ++i) y += dn[(e * d + c) * inter + i] * h[i];
-        want[((e / (E / H)) * T + t) * d + c] += w[t * k + j] * y;
+        want[((e / (E / H)) * T + t) * d + c] += out_w * y;
       }
     }
   }
   const std::string what = std::string("experts_swiglu out, ") + unit.activation + (unit.biases ? " + biases" : "") +
                            (unit.limit ? " + limit" : "") + (unit.alpha != 1.0 ? " + alpha" : "") +
-                           (unit.up_offset != 0.0 ? " + up_offset" : "");
+                           (unit.up_offset != 0.0 ? " + up_offset" : "") + (unit.weight_input ? " + weight_input" : "");
   expect(close(out, want, 1e-4f), what.c_str(), T, E, k, H);
 }
 
 // The unit variants: every activation with and without biases; gpt-oss's clamped SiLU (alpha 1.702, limit 7,
-// up_offset 1; gate/up of std ~5 and ~1 here, so the limit clamps some) and a limit that clamps most gates.
+// up_offset 1; gate/up of std ~5 and ~1 here, so the limit clamps some), a limit that clamps most gates, and
+// SiLU and ReLU^2 with the routing weight on the input.
 std::vector<Unit> unit_variants() {
   std::vector<Unit> units;
   for (bool biases : {false, true}) {
     for (const char* activation : {"silu", "gelu", "gelu_tanh", "relu2"}) units.push_back({activation, 1.0, {}, 0.0, biases});
     units.push_back({"silu", 1.702, 7.0, 1.0, biases});
     units.push_back({"gelu_tanh", 1.0, 0.5, -0.25, biases});
+    units.push_back({"silu", 1.0, {}, 0.0, biases, /*weight_input=*/true});
+    units.push_back({"relu2", 1.0, {}, 0.0, biases, /*weight_input=*/true});
   }
   return units;
 }

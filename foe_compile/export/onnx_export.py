@@ -15,8 +15,9 @@ no bf16 kernels for several standard ops, so bf16 files do not run there):
     experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
                         grouping (a Slice between two offsets), Gather of their tokens, two
                         Gemms (+ biases) around the unit (SiLU/GELU/GELU-tanh gated with the
-                        optional clamp and up offset, or ReLU²), the routing-weight multiply and
-                        a ScatterND-add into its group's output (a token meets each expert at
+                        optional clamp and up offset, or ReLU²), the routing-weight multiply (of
+                        the output; of the gathered input rows with weight_input) and a
+                        ScatterND-add into its group's output (a token meets each expert at
                         most once)
 """
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _unit(h, activation: str, alpha: float, limit, up_offset: float):
 
 def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: int, activation: str = "silu",
                    gate_up_bias=None, down_bias=None, alpha: float = 1.0, limit: float | None = None,
-                   up_offset: float = 0.0):
+                   up_offset: float = 0.0, weight_input: bool = False):
     num_experts = gate_up.shape[0]
     per_group = num_experts // num_groups
     top_k = op.Shape(ids, start=1, end=2)
@@ -123,15 +124,17 @@ def experts_swiglu(x, gate_up, down, ids, weights, pairs, offsets, num_groups: i
         rows = op.Slice(pairs, op.Slice(offsets, _ints(e), _ints(e + 1)), op.Slice(offsets, _ints(e + 1), _ints(e + 2)))
         token, slot = op.Div(rows, top_k), op.Mod(rows, top_k)
         expert = op.Constant(value_int=e)
-        hidden = op.Gemm(op.Gather(x, token, axis=0), op.Gather(gate_up, expert, axis=0), transB=1)
+        w = op.Unsqueeze(op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)),
+                                                       axis=-1)), _ints(-1))  # [n, 1]
+        rows = op.Gather(x, token, axis=0)
+        hidden = op.Gemm(op.Mul(rows, w) if weight_input else rows, op.Gather(gate_up, expert, axis=0), transB=1)
         if gate_up_bias is not None:
             hidden = op.Add(hidden, op.Gather(gate_up_bias, expert, axis=0))
         y = op.Gemm(_unit(hidden, activation, alpha, limit, up_offset), op.Gather(down, expert, axis=0), transB=1)
         if down_bias is not None:
             y = op.Add(y, op.Gather(down_bias, expert, axis=0))
-        w = op.GatherND(weights, op.Concat(op.Unsqueeze(token, _ints(-1)), op.Unsqueeze(slot, _ints(-1)), axis=-1))
         g = e // per_group
-        update = op.Cast(op.Mul(y, op.Unsqueeze(w, _ints(-1))), to=FLOAT)
+        update = op.Cast(y if weight_input else op.Mul(y, w), to=FLOAT)
         out[g] = op.ScatterND(out[g], op.Unsqueeze(token, _ints(-1)), update, reduction="add")
     return op.CastLike(op.Concat(*[op.Unsqueeze(o, _ints(0)) for o in out], axis=0), x)
 

@@ -161,9 +161,9 @@ def _optional_ptr(t: Tensor | None) -> np.uint64:
 def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                    sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int, activation: str = "silu",
                    gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, alpha: float = 1.0,
-                   limit: float | None = None, up_offset: float = 0.0) -> Tensor:
+                   limit: float | None = None, up_offset: float = 0.0, weight_input: bool = False) -> Tensor:
     ops.check_experts_args(x, gate_up, down, topk_ids, sorted_pairs, expert_offsets, num_groups, activation,
-                           gate_up_bias, down_bias, alpha, limit, up_offset)
+                           gate_up_bias, down_bias, alpha, limit, up_offset, weight_input)
     biases = [b for b in (gate_up_bias, down_bias) if b is not None]
     suffix = _check_dtype(x, gate_up, down, topk_weights, *biases)
     _check_routing_tensors(topk_ids, topk_weights, sorted_pairs, expert_offsets, x.device)
@@ -181,12 +181,14 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
         return out
     unit = [np.int32(c[f"FOE_ACT_{activation.upper()}"]), np.float32(alpha),
             np.float32(np.inf if limit is None else limit), np.float32(up_offset)]  # no limit: +inf clamps nothing
+    # The routing weights scale either the input (up kernel) or the output (down kernel); null elsewhere.
+    input_weights, output_weights = (weights, None) if weight_input else (None, weights)
     _launch(f"foe_experts_up_{suffix}", xs.device, (T * k, -(-inter // rows)), threads,
-            [_ptr(xs), _ptr(gu), _optional_ptr(gu_bias), _ptr(ids), _ptr(pairs), np.int64(d), np.int64(inter),
-             np.int32(k), *unit, _ptr(hidden)])
+            [_ptr(xs), _ptr(gu), _optional_ptr(gu_bias), _ptr(ids), _ptr(pairs), _optional_ptr(input_weights),
+             np.int64(d), np.int64(inter), np.int32(k), *unit, _ptr(hidden)])
     _launch(f"foe_experts_down_{suffix}", xs.device, (T * num_groups, -(-d // rows)), threads,
-            [_ptr(dn), _optional_ptr(dn_bias), _ptr(ids), _ptr(weights), _ptr(hidden), np.int64(d), np.int64(inter),
-             np.int32(k), np.int32(E // num_groups), np.int32(num_groups), np.int64(T), _ptr(out)])
+            [_ptr(dn), _optional_ptr(dn_bias), _ptr(ids), _optional_ptr(output_weights), _ptr(hidden), np.int64(d),
+             np.int64(inter), np.int32(k), np.int32(E // num_groups), np.int32(num_groups), np.int64(T), _ptr(out)])
     return out
 
 

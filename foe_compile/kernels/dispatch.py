@@ -14,7 +14,8 @@ Select with FOE_KERNELS=<backend> or `use_backend(...)`. Kernel modules add them
 "auto" and raises a clear error when asked for explicitly.
 
 Variants. A call of foe::experts_swiglu needs the features of its expert unit (`experts_features`:
-the activation, "bias" for expert biases, "clamped" for gpt-oss's alpha / limit / up_offset). A
+the activation, "bias" for expert biases, "clamped" for gpt-oss's alpha / limit / up_offset,
+"weight_input" for a routing weight that scales the expert's input, as Llama 4's). A
 backend that lacks one is skipped; when it was selected explicitly, a warning names the backend and
 the missing feature once, and the call runs on the most preferred backend that has it (the
 reference has every feature). Every backend receives all the op's schema arguments.
@@ -41,7 +42,7 @@ OPS = ("sum_route_dispatch", "experts_swiglu")
 # Every feature of each op; a backend registers the ones it computes (default: the plain SiLU SwiGLU).
 ROUTE_FEATURES = frozenset({"sigmoid", "sqrtsoftplus", "router_bias", "correction_bias", "scaling"})
 FEATURES = {"sum_route_dispatch": ROUTE_FEATURES,
-            "experts_swiglu": frozenset(reference.ACTIVATIONS) | {"bias", "clamped"}}
+            "experts_swiglu": frozenset(reference.ACTIVATIONS) | {"bias", "clamped", "weight_input"}}
 BASE_FEATURES = {"sum_route_dispatch": frozenset(), "experts_swiglu": frozenset({"silu"})}
 _KERNELS: dict[tuple[str, str], Callable] = {
     ("sum_route_dispatch", "reference"): reference.sum_route_dispatch,
@@ -74,8 +75,8 @@ def register(op: str, backend: str, device_types: tuple[str, ...] = ("cpu", "cud
 
 
 def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None, alpha: float = 1.0,
-                     limit: float | None = None, up_offset: float = 0.0) -> frozenset[str]:
-    """The features a foe::experts_swiglu call needs, from its unit arguments."""
+                     limit: float | None = None, up_offset: float = 0.0, weight_input: bool = False) -> frozenset[str]:
+    """The features a foe::experts_swiglu call needs, from its arguments after num_groups."""
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"unknown expert activation {activation!r}; foe::experts_swiglu computes {reference.ACTIVATIONS}")
     needs = {activation}
@@ -83,6 +84,8 @@ def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None
         needs.add("bias")
     if alpha != 1.0 or limit is not None or up_offset != 0.0:
         needs.add("clamped")
+    if weight_input:
+        needs.add("weight_input")
     return frozenset(needs)
 
 

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from . import reference
 
-# The expert unit's variants (reference.expert_unit); the defaults are SiLU SwiGLU without biases.
+# The expert's variants: its unit (reference.expert_unit) and whether the routing weight scales its input
+# (weight_input, Llama 4) rather than its output; the defaults are SiLU SwiGLU without biases, weighted output.
 UNIT_SCHEMA = ('str activation="silu", Tensor? gate_up_bias=None, Tensor? down_bias=None, float alpha=1.0, '
-               'float? limit=None, float up_offset=0.0')
+               'float? limit=None, float up_offset=0.0, bool weight_input=False')
 # The router's variants (reference.sum_route_dispatch); the defaults are softmax scores without biases.
 ROUTE_SCHEMA = ('str scoring="softmax", Tensor? router_bias=None, Tensor? correction_bias=None, '
                 'float routed_scaling=1.0')
@@ -85,7 +86,7 @@ def check_route_variant(router_weight: Tensor, scoring: str = "softmax", router_
 def check_experts_args(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, pairs: Tensor, offsets: Tensor,
                        num_groups: int, activation: str = "silu", gate_up_bias: Tensor | None = None,
                        down_bias: Tensor | None = None, alpha: float = 1.0, limit: float | None = None,
-                       up_offset: float = 0.0) -> None:
+                       up_offset: float = 0.0, weight_input: bool = False) -> None:
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"unknown expert activation {activation!r}; foe::experts_swiglu computes {reference.ACTIVATIONS}")
     gated = activation in reference.GATED_ACTIVATIONS
@@ -179,14 +180,14 @@ def _(grad_r, grad_xn, grad_weights, residual, partials, norm_weight, eps, route
 
 @torch.library.impl("foe::experts_swiglu_backward", "CompositeExplicitAutograd")
 def _(grad_out, x, gate_up, down, ids, weights, pairs, offsets, num_groups, activation="silu", gate_up_bias=None,
-      down_bias=None, alpha=1.0, limit=None, up_offset=0.0):
+      down_bias=None, alpha=1.0, limit=None, up_offset=0.0, weight_input=False):
     # Absent biases get zero stand-ins ([E, 0] would not broadcast): their gradients are dropped.
     gate_up_bias_ = gate_up.new_zeros(gate_up.shape[:2]) if gate_up_bias is None else gate_up_bias
     down_bias_ = down.new_zeros(down.shape[:2]) if down_bias is None else down_bias
 
     def forward(x_, gu, dn, w, gub, db):
         return reference.experts_swiglu(x_, gu, dn, ids, w, pairs, offsets, num_groups, activation, gub, db, alpha,
-                                        limit, up_offset)
+                                        limit, up_offset, weight_input)
 
     return _recompute_grads(forward, (x, gate_up, down, weights, gate_up_bias_, down_bias_), (grad_out,))
 
@@ -220,7 +221,7 @@ def _route_backward(ctx, grad_r, grad_xn, _ids, grad_weights, _pairs, _offsets):
 def _experts_setup(ctx, inputs, output):
     x, gate_up, down, ids, weights, pairs, offsets, num_groups, activation, gate_up_bias, down_bias, *rest = inputs
     ctx.save_for_backward(x, gate_up, down, ids, weights, pairs, offsets, gate_up_bias, down_bias)
-    ctx.num_groups, ctx.activation, ctx.scalars = num_groups, activation, rest  # alpha, limit, up_offset
+    ctx.num_groups, ctx.activation, ctx.scalars = num_groups, activation, rest  # alpha, limit, up_offset, weight_input
 
 
 def _experts_backward(ctx, grad_out):
@@ -229,7 +230,7 @@ def _experts_backward(ctx, grad_out):
         grad_out, x, gate_up, down, ids, weights, pairs, offsets, ctx.num_groups, ctx.activation, gate_up_bias,
         down_bias, *ctx.scalars)
     return (gx, ggu, gd, None, gw, None, None, None, None, g_gate_up_bias if gate_up_bias is not None else None,
-            g_down_bias if down_bias is not None else None, None, None, None)
+            g_down_bias if down_bias is not None else None, None, None, None, None)
 
 
 torch.library.register_autograd("foe::sum_route_dispatch", _route_backward, setup_context=_route_setup)

@@ -24,6 +24,9 @@ experts_swiglu
                ungated (gate_up [E, I, d]): relu2: a = relu(h)^2
     out[g(e), t] += w[t, j] * (down[e] a (+ down_bias[e]))   for every pick (t, j) of e,
     g(e) = e // (E / num_groups)
+    with `weight_input` the routing weight scales the expert's input instead of its output:
+    h = gate_up[e] (w[t, j] x_t) (+ gate_up_bias[e]), the product w x_t formed in x's dtype, and
+    out[g(e), t] += down[e] a (+ down_bias[e])   (Llama 4)
     (Mixtral/Qwen/OLMoE: silu; Gemma 4: gelu_tanh; Nemotron-H: relu2; gpt-oss: silu with alpha 1.702,
     limit 7, up_offset 1 and biases; DeepSeek-V4, HY-V4, MiniMax-M3: silu with a limit)
 """
@@ -131,7 +134,7 @@ def expert_unit(h: Tensor, activation: str = "silu", alpha: float = 1.0, limit: 
 def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weights: Tensor, pairs: Tensor,
                    offsets: Tensor, num_groups: int, activation: str = "silu", gate_up_bias: Tensor | None = None,
                    down_bias: Tensor | None = None, alpha: float = 1.0, limit: float | None = None,
-                   up_offset: float = 0.0) -> Tensor:
+                   up_offset: float = 0.0, weight_input: bool = False) -> Tensor:
     T, k = ids.shape
     E = gate_up.shape[0]
     out = x.new_zeros(num_groups, T, x.shape[-1])
@@ -141,9 +144,12 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weight
         if rows.numel() == 0:
             continue
         token, slot = rows // k, rows % k
-        h = F.linear(x[token], gate_up[e], None if gate_up_bias is None else gate_up_bias[e])
+        w = weights[token, slot, None]
+        h = F.linear(x[token] * w if weight_input else x[token], gate_up[e],
+                     None if gate_up_bias is None else gate_up_bias[e])
         a = expert_unit(h, activation, alpha, limit, up_offset)
-        y = F.linear(a, down[e], None if down_bias is None else down_bias[e]) * weights[token, slot, None]
+        y = F.linear(a, down[e], None if down_bias is None else down_bias[e])
+        y = y if weight_input else y * w
         out[e // (E // num_groups)].index_add_(0, token, y.to(out.dtype))
     return out
 

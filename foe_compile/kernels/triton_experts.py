@@ -4,12 +4,14 @@ Three launches, no host sync, static shapes (CUDA-graph capturable):
 
 1. `_gate_up_swiglu_kernel`: grouped GEMM over the (token, slot) pairs sorted by expert. Each
    program owns one padded block of BLOCK_M sorted positions of one expert and one N tile of I;
-   it reads x rows by indirect addressing (x[pairs[pos] // k], no permuted copy of x), computes
+   it reads x rows by indirect addressing (x[pairs[pos] // k], no permuted copy of x; scaled by
+   the pair's routing weight and rounded to x's dtype when WEIGHT_INPUT, as Llama 4), computes
    the gate and up tiles together from gate_up's two halves (one tile for an ungated unit), adds
    the bias, applies the expert unit in fp32 and stores it -> dtype into h [T*k, I] at the sorted
    position.
 2. `_down_weighted_kernel`: the same schedule over h; the epilogue adds the bias, multiplies by
-   the routing weight and stores the row at its pair id p = t*k + j in y [T*k, d].
+   the routing weight (unless it scaled the input) and stores the row at its pair id p = t*k + j
+   in y [T*k, d].
 3. `_combine_kernel`: out[g, t] = sum_j [g(ids[t, j]) == g] y[t*k + j] in fp32, fixed j order.
 
 Combine choice: deterministic (a k-row reduction per token, as vLLM's moe_sum) rather than fp32
@@ -101,12 +103,13 @@ if triton is not None:
         h_ptr,        # [T*k, I] out, contiguous: the expert unit at the sorted position
         pairs_ptr,    # [T*k] int64 pair ids sorted by expert
         offsets_ptr,  # [E+1] int64 expert segments of pairs
+        rw_ptr,       # [T, k] routing weights, any strides (read only when WEIGHT_INPUT)
         E, I, d, k, num_pid_m,
-        stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_be, stride_bn,
+        stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_be, stride_bn, stride_rt, stride_rk,
         alpha, limit, up_offset,  # fp32 unit scalars (limit read only when HAS_LIMIT)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     ):
         pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
         total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
@@ -114,7 +117,11 @@ if triton is not None:
             return
         pos = start + tl.arange(0, BLOCK_M)                       # [BM] int64
         row_ok = pos < end
-        token = tl.load(pairs_ptr + pos, mask=row_ok, other=0) // k
+        pair = tl.load(pairs_ptr + pos, mask=row_ok, other=0)
+        token = pair // k
+        if WEIGHT_INPUT:
+            rw = tl.load(rw_ptr + token * stride_rt + (pair % k) * stride_rk, mask=row_ok, other=0.0)
+            rw = rw.to(tl.float32)[:, None]                       # [BM, 1]
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < I
         kk = tl.arange(0, BLOCK_K)
@@ -134,6 +141,8 @@ if triton is not None:
                 k_ok = kk < d - k0
                 w_ok = k_ok[:, None] & n_ok[None, :]
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if WEIGHT_INPUT:  # w * x rounded to x's dtype, as torch multiplies in the dtype
+                a = (a.to(tl.float32) * rw).to(x_ptr.dtype.element_ty)
             g = tl.load(g_ptrs, mask=w_ok, other=0.0)
             if UPCAST:
                 a, g = a.to(tl.float32), g.to(tl.float32)
@@ -172,7 +181,7 @@ if triton is not None:
         stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_rt, stride_rk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     ):
         pid_m, pid_n = _tile(tl.program_id(0), num_pid_m, tl.cdiv(d, BLOCK_N), GROUP_M)
         total, expert, start, end = _block_of(offsets_ptr, pid_m, E, BLOCK_M, BLOCK_E)
@@ -204,8 +213,9 @@ if triton is not None:
         if HAS_BIAS:  # the bias is part of the expert's output: weighted with it
             bias = tl.load(b_ptr + expert * stride_be + n.to(tl.int64) * stride_bn, mask=n_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        rw = tl.load(rw_ptr + (pair // k) * stride_rt + (pair % k) * stride_rk, mask=row_ok, other=0.0)
-        acc = acc * rw.to(tl.float32)[:, None]
+        if not WEIGHT_INPUT:  # else the weight scaled the expert's input (first kernel)
+            rw = tl.load(rw_ptr + (pair // k) * stride_rt + (pair % k) * stride_rk, mask=row_ok, other=0.0)
+            acc = acc * rw.to(tl.float32)[:, None]
         y_ptrs = y_ptr + pair[:, None] * d + n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -242,7 +252,8 @@ def _bias_strides(bias: Tensor | None) -> tuple[int, int]:
 def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                    sorted_pairs: Tensor, expert_offsets: Tensor, num_groups: int, activation: str = "silu",
                    gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None, alpha: float = 1.0,
-                   limit: float | None = None, up_offset: float = 0.0, *, config: dict | None = None) -> Tensor:
+                   limit: float | None = None, up_offset: float = 0.0, weight_input: bool = False, *,
+                   config: dict | None = None) -> Tensor:
     """Launcher: validate, allocate h [T*k, I], y [T*k, d], out [G, T, d]; launch the three kernels.
 
     The arguments are the op schema's (the unit's as in reference.expert_unit). `config` overrides
@@ -287,18 +298,20 @@ def experts_swiglu(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, t
     gu, dn = cfg["gate_up"], cfg["down"]
     bn, bk = min(gu["BLOCK_N"], _pow2(I)), min(gu["BLOCK_K"], _pow2(d))
     _gate_up_swiglu_kernel[(num_pid_m * triton.cdiv(I, bn),)](
-        x, gate_up, gate_up_bias, h, pairs, offsets, E, I, d, k, num_pid_m,
-        x.stride(0), x.stride(1), *gate_up.stride(), *_bias_strides(gate_up_bias),
+        x, gate_up, gate_up_bias, h, pairs, offsets, topk_weights, E, I, d, k, num_pid_m,
+        x.stride(0), x.stride(1), *gate_up.stride(), *_bias_strides(gate_up_bias), *topk_weights.stride(),
         # float(): an int from a direct call would make Triton type (and specialise) the scalar as i32
         float(alpha), 0.0 if limit is None else float(limit), float(up_offset),
         BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gu["GROUP_M"], EVEN_K=d % bk == 0,
         ACTIVATION=activation, HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=limit is not None,
+        WEIGHT_INPUT=bool(weight_input),
         num_warps=gu["num_warps"], num_stages=gu["num_stages"], **common)
     bn, bk = min(dn["BLOCK_N"], _pow2(d)), min(dn["BLOCK_K"], _pow2(I))
     _down_weighted_kernel[(num_pid_m * triton.cdiv(d, bn),)](
         h, down, down_bias, y, pairs, offsets, topk_weights, E, I, d, k, num_pid_m,
         *down.stride(), *_bias_strides(down_bias), *topk_weights.stride(),
         BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0, HAS_BIAS=down_bias is not None,
+        WEIGHT_INPUT=bool(weight_input),
         num_warps=dn["num_warps"], num_stages=dn["num_stages"], **common)
     block_d = min(512, _pow2(d))
     _combine_kernel[(T, triton.cdiv(d, block_d))](

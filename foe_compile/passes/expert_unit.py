@@ -221,6 +221,13 @@ def recognise_unit(inputs: list[fx.Node], output: fx.Node, width: int) -> Unit |
             "units (silu with alpha / gelu / gelu_tanh gated, with an optional clamp limit and up offset; relu2 ungated)")
 
 
+def maps_zero_to_zero(inputs: list[fx.Node], output: fx.Node, width: int) -> bool:
+    """Whether the unit from `inputs` to `output` (recognised by recognise_unit) gives exactly 0 for a projection
+    output of 0: then a bias-free expert's output for the input 0 is exactly 0."""
+    zero = torch.zeros(1, width, dtype=torch.float64)
+    return bool((_run(unit_nodes(inputs, output), inputs, output, zero) == 0).all())
+
+
 def _gate_first(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout.startswith("interleaved"):
         gate, up = t[..., 0::2], t[..., 1::2]

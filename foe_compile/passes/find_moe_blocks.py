@@ -3,17 +3,20 @@
 Anchor: aten.topk of a router (moe_router.py: a linear scored by softmax before the top-k or
 over the k picked logits after it is fused; other routers stay in the graph as written). From
 there, one of the expert implementations of expert_forms.py must follow (transformers v5
-grouped GEMMs, per-expert selection loops, per-expert dense mask loops) or sort + split
-(sort_split.py), with an expert unit
+grouped GEMMs, per-expert selection loops, per-expert dense mask loops), sort + split
+(sort_split.py) or the dense form of dense_experts.py (every expert on every token, the routing
+weight scaling its input), with an expert unit
 foe::experts_swiglu computes (expert_unit.py). Every op that lowering would replace is checked:
 the router's bias, softmax and top-k dims and `largest`; the expert unit, its biases and column
-layout; that the expert outputs are multiplied exactly once, by the routing weights. A block
+layout; that the expert outputs are multiplied exactly once, by the routing weights (or, in the dense
+form, the inputs by a routing matrix that is exactly 0 off the picks). A block
 that differs in any of these is left as written, with the reason recorded for the report.
 """
 from __future__ import annotations
 
 from torch import fx
 
+from .dense_experts import dense_weighted_input
 from .expert_forms import FORMS, refresh_grouped_mm_ops
 from .infra import PassResult, ancestors, aten, getitem_users, is_op
 from .matches import MOE_KEY, UNTOUCHED_KEY, MoEMatch
@@ -54,7 +57,7 @@ def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routi
                   router_weight=linear.args[1] if linear is not None else None, ids=ids, weights=weights,
                   renormalize=renormalize, top_k=top_k, num_experts=num_experts)
     reasons = []
-    for matcher in (*FORMS, sort_split):
+    for matcher in (*FORMS, sort_split, dense_weighted_input):
         match = matcher(common)
         if isinstance(match, MoEMatch):
             match.graph_routing, match.routing = graph_routing, variant or {}
@@ -71,7 +74,8 @@ def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routi
     why = "; ".join(reasons) or (
         "the expert computation matches none of the supported forms (transformers v5 grouped_mm; per-expert loops "
         "selecting tokens with one_hot/where/nonzero and combining with index_add_/scatter_add_/index_put_; "
-        "per-expert dense mask loops; sort + split by per-expert counts)")
+        "per-expert dense mask loops; sort + split by per-expert counts; dense bmm experts weighting their input, "
+        "as Llama 4)")
     where = f"router {linear.name} -> {topk.name}" if linear is not None else f"{topk.name} ({graph_routing})"
     attention = _attention_module(topk)
     if attention:

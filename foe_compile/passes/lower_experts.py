@@ -5,7 +5,9 @@ fused node, whose pairs/offsets outputs the experts consume). Preserves the bloc
 to summation order and the rounding of the routing weights to the hidden dtype (the op
 multiplies in that dtype; translation validation measures the difference): it computes the
 same sum over the k picks of
-w * (down(unit(gate_up(x) + b1)) + b2), with the unit the matcher recognised. Weights are given
+w * (down(unit(gate_up(x) + b1)) + b2), or down(unit(gate_up(w * x))) where the routing weight scales the
+expert's input (the dense form: the picks of its [T, E] weight matrix, which is 0 elsewhere), with the
+unit the matcher recognised. Weights are given
 to the op as [E, 2I, d] / [E, d, I] with gate rows first: stored-transposed weights are read
 through a transpose and other column layouts (gpt-oss's interleaved gate/up) are reordered.
 With `num_groups` H > 1 the op returns one partial per expert group and the block output is
@@ -39,7 +41,11 @@ def _lower(gm: fx.GraphModule, m: MoEMatch, num_groups: int) -> None:
     with g.inserting_before(m.output):
         x = g.call_function(aten.reshape.default, (m.hidden, [-1, d]))
         ids = g.call_function(aten.reshape.default, (m.ids, [-1, m.top_k]))
-        weights = g.call_function(aten.reshape.default, (m.weights, [-1, m.top_k]))
+        if m.weights_by_expert:  # [..., E], 0 off the picks: the weights are its values at the picks
+            weights = g.call_function(aten.reshape.default, (m.weights, [-1, m.num_experts]))
+            weights = g.call_function(aten.gather.default, (weights, 1, ids))
+        else:
+            weights = g.call_function(aten.reshape.default, (m.weights, [-1, m.top_k]))
         weights = g.call_function(aten.to.dtype, (weights, val(m.hidden).dtype))
         if m.route is None:
             grouped = g.call_function(group_by_expert, (ids, m.num_experts))
@@ -50,7 +56,7 @@ def _lower(gm: fx.GraphModule, m: MoEMatch, num_groups: int) -> None:
         u = m.unit
         partial = g.call_function(torch.ops.foe.experts_swiglu.default,  # every schema argument, by position
                                   (x, gate_up, down, ids, weights, pairs, offsets, num_groups, u.activation,
-                                   gate_up_bias, down_bias, u.alpha, u.limit, u.up_offset))
+                                   gate_up_bias, down_bias, u.alpha, u.limit, u.up_offset, m.weight_input))
         y = g.call_function(aten.sum.dim_IntList, (partial, [0]))
         y = g.call_function(aten.reshape.default, (y, shape_args(g, out_val.shape)))
         y = g.call_function(aten.to.dtype, (y, out_val.dtype))

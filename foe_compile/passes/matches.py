@@ -19,12 +19,13 @@ class MoEMatch:
     """One MoE block: router -> top-k -> experts -> weighted combine."""
 
     kind: str  # "grouped_mm" (transformers v5), "select_loop" (per-expert token selection), "dense_loop",
-    #            "sort_split" (sort_split.py)
+    #            "sort_split" (sort_split.py), "dense_weighted_input" (every expert on every token, the
+    #            weight scaling its input: Llama 4, dense_experts.py)
     hidden: fx.Node  # experts' input [..., d]
     router_input: fx.Node | None  # what the router linear reads (a view of `hidden`); None: graph routing
     router_weight: fx.Node | None  # [E, d]; None when the routing stays in the graph
     ids: fx.Node  # top-k expert ids [..., k]
-    weights: fx.Node  # routing weights [..., k], as the experts consume them
+    weights: fx.Node  # routing weights [..., k] (or [..., E]: weights_by_expert), as the experts consume them
     renormalize: bool
     top_k: int
     num_experts: int
@@ -39,6 +40,10 @@ class MoEMatch:
     gate_up_bias: fx.Node | None = None
     down_bias: fx.Node | None = None
     per_expert: list[ExpertMLP] = field(default_factory=list)  # the loop kinds: one per expert
+    # The dense form (dense_experts.py): `weights` is the [T, E] matrix, 0 off the picks (lowering gathers the
+    # picks), and the routing weight scales the expert's input (foe::experts_swiglu's weight_input).
+    weights_by_expert: bool = False
+    weight_input: bool = False
     internal: set[fx.Node] = field(default_factory=set)  # expert-compute nodes lowering replaces
     route: fx.Node | None = None  # the foe::sum_route_dispatch node, once fused
     group_partials: fx.Node | None = None  # foe::experts_swiglu's [H, T, d] output, once lowered

@@ -77,6 +77,10 @@ def match_router(topk: fx.Node):
     picked = outs[0].users if 0 in outs else []
     softmaxes = [u for u in picked if is_op(u, aten.softmax.int, aten._softmax.default)]
     if len(softmaxes) != 1 or not is_last_dim(softmaxes[0], softmaxes[0].args[1]):
+        if any(is_op(u, aten.scatter.src, aten.scatter_.src) for u in picked):
+            return (f"router {linear.name}: top-k on logits, the picked logits scattered into a [T, E] matrix and "
+                    "scored there (Llama 4: -inf fill, sigmoid); foe::sum_route_dispatch scores before the top-k or "
+                    "softmaxes the picks")
         return f"router {linear.name}: top-k on logits without a softmax over the picks (fused op needs softmax)"
     weights = softmaxes[0]
     while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default, aten.type_as.default):

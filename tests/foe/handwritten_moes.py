@@ -6,9 +6,10 @@ experts written in several ways (selection loops, dense masks, matmul on stacked
 matrices, sort + split), and SUPPORTED_UNITS with the other units foe::experts_swiglu
 computes (GELU, a hand-spelled SiLU, ReLU², gpt-oss's clamped GLU with biases and interleaved
 columns); all must be rewritten. GRAPH_ROUTED route in ways the fused routing op does not (the
-routing stays as written). REFUSED compute something else (weights applied to the input, a unit
-reading a learned scale, an activation the op lacks, experts with different units) and must be
-left as written, with a reason.
+routing stays as written; Llama 4's dense experts weighting their input among them). REFUSED compute
+something else (weights applied to the input of experts chosen per token, a unit reading a learned
+scale, an activation the op lacks, experts with different units, dense experts whose unpicked
+weights are not 0 or whose expert is not 0 at 0) and must be left as written, with a reason.
 All take (d, inner, num_experts, top_k) like user_models.DenseLoopMoE.
 """
 from __future__ import annotations
@@ -368,6 +369,54 @@ class WeightsOnInput(_Base):
         return out.view_as(x)
 
 
+class DenseWeightedInput(nn.Module):
+    """Llama 4's MoE written by hand: top-k on the router logits, the picks scattered into a -inf matrix and
+    scored by sigmoid (0 where not picked); every expert runs on every token with bmm on stacked weights
+    (gate_up [E, d, 2I], down [E, I, d]), its input scaled by its routing weight; summed over the experts."""
+
+    fill = float("-inf")
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__()
+        self.top_k, self.num_experts = top_k, num_experts
+        self.router = nn.Linear(d, num_experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(num_experts, d, 2 * inner) / d ** 0.5)
+        self.down = nn.Parameter(torch.randn(num_experts, inner, d) / inner ** 0.5)
+
+    def scores(self, h):
+        logits = self.router(h)
+        top, ids = torch.topk(logits, self.top_k, dim=-1)
+        return torch.sigmoid(torch.full_like(logits, self.fill).scatter(-1, ids, top))
+
+    def project(self, routed):
+        gate, up = torch.bmm(routed, self.gate_up).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down)
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        scores = self.scores(h)  # [T, E]
+        routed = (h.repeat(self.num_experts, 1) * scores.t().reshape(-1, 1)).view(self.num_experts, -1, h.shape[-1])
+        return self.project(routed).view(self.num_experts, -1, h.shape[-1]).sum(0).view_as(x)
+
+
+class DenseZeroFill(DenseWeightedInput):
+    """The picks scattered into zeros before the sigmoid: every expert not picked gets weight 1/2."""
+
+    fill = 0.0
+
+
+class DenseBiasedExperts(DenseWeightedInput):
+    """A gate_up bias: an expert given the input 0 outputs down(unit(bias)) != 0."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.gate_up_bias = nn.Parameter(torch.randn(num_experts, 1, 2 * inner) * 0.1)
+
+    def project(self, routed):
+        gate, up = (torch.bmm(routed, self.gate_up) + self.gate_up_bias).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down)
+
+
 class ScaledCombine(WhereIndexAdd):
     """A routed scaling factor (DeepSeek-V3's) applied to the weights."""
 
@@ -430,6 +479,7 @@ FUSED_VARIANTS = [SigmoidRouter, BiasedRouter, ScaledCombine, CorrectedSigmoid]
 GRAPH_ROUTED = [
     (SmallestTopk, "largest=False"),
     (GroupLimited, "masked_fill"),
+    (DenseWeightedInput, "top-k on logits"),  # Llama 4's routing; dense experts weighting their input
 ]
 
 # Expert computations foe::experts_swiglu does not express: left as written, with the reason.
@@ -498,4 +548,6 @@ REFUSED = [
     (MixedUnits, "different units"),
     (OffsetAccumulator, "not into zeros"),
     (ScaledIndexAdd, "alpha=1.01"),
+    (DenseZeroFill, "(not exactly 0) for the experts not picked"),
+    (DenseBiasedExperts, "besides the projection"),
 ]

@@ -33,7 +33,7 @@ EXACT: dict[str, str | None] = {
     "granitemoe": None,
     "deepseek_v4": None,  # blocks called with input_ids (hash routing: left as written), clamped SwiGLU
     "gpt_oss": None,  # clamped SwiGLU (alpha, limit, up + 1), interleaved gate/up, biases, router bias
-    "llama4_text": "matches none of the supported forms",  # routing weight scales the expert input
+    "llama4_text": None,  # dense experts, routing weight on the input; top-k on logits -> sigmoid stays as written
     "nemotron_h": None,  # ungated ReLU^2 experts
     "dbrx": None,  # experts loop over the hit experts (captured over every expert); weights / norm(p=1)
     "aria_text": None,  # sort + split with histc counts, index_copy_ unsort (grouped GEMM captured split by counts)
@@ -101,6 +101,7 @@ FOE: dict[str, str | None] = {
     "gpt_oss": None,  # eager attention with sinks, router bias, clamped GLU experts
     "qwen3_next": "FoE form",
     "qwen3_5_moe_text": "FoE form",
+    "llama4_text": "routes in a way the fused op does not compute",  # top-k on logits -> scatter -> sigmoid
     "ernie4_5_moe": "FoE form",
     "jamba": "FoE form",
     "aria_text": None,  # sort + split experts, quota-routed

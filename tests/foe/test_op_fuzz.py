@@ -3,8 +3,8 @@ every implementation present on this machine, against the plain-PyTorch referenc
 
 Drawn: T in {0, 1, primes, one past the C++ kernel's 64-token chunk}, fp32/bf16/fp16, E = 1 ... 40 with
 H in {1, 2, 3, 4} dividing E and k (k = E included), d down to 1 (d = 1 and a zero router give exact ties),
-renormalize on/off, residual [1 or H, T, d], and poison: NaN / +-Inf / huge values in a few tokens, a NaN
-router row, or tie-making routers. The NaN contract (csrc/route_dispatch_cpu.cpp, kernels/route_dispatch.cuh):
+renormalize on/off, residual [1 or H, T, d], the experts' routing weight on their output or input
+(weight_input), and poison: NaN / +-Inf / huge values in a few tokens, a NaN router row, or tie-making routers. The NaN contract (csrc/route_dispatch_cpu.cpp, kernels/route_dispatch.cuh):
 ids stay in [0, E) and distinct per group; a poisoned row's outputs are NaN exactly where the reference's are;
 other rows are unaffected. On CPU the C++ ids equal the reference's torch.topk ids exactly, ties and NaN
 rows included. Implementations: the C++ kernels (always here), Triton's interpreter for the experts (tiny
@@ -255,11 +255,13 @@ def experts_cases(draw, tokens=TOKENS, dims=(1, 3, 16, 24)):
     return dict(T=draw(st.sampled_from(tokens)), E=E, k=k, H=H, d=draw(st.sampled_from(dims)),
                 inter=draw(st.sampled_from([1, 4, 12])), dtype=draw(st.sampled_from(DTYPES)),
                 poison=draw(st.sampled_from(["none", "nan_x", "inf_x", "nan_weight", "nan_expert"])),
-                rows=draw(st.lists(st.integers(0, 64), min_size=1, max_size=2)), seed=draw(st.integers(0, 2**16)))
+                rows=draw(st.lists(st.integers(0, 64), min_size=1, max_size=2)), seed=draw(st.integers(0, 2**16)),
+                weight_input=draw(st.booleans()))
 
 
 def experts_args(c: dict, device: str = "cpu"):
-    """Arguments of foe::experts_swiglu: quota routing of random scores (ties included), asymmetric gate/up."""
+    """Arguments of foe::experts_swiglu: quota routing of random scores (ties included), asymmetric gate/up; with
+    c["weight_input"] the unit arguments follow (default unit, the routing weight on the input)."""
     g = torch.Generator().manual_seed(c["seed"])
     T, E, k, H, d, inter, dtype = c["T"], c["E"], c["k"], c["H"], c["d"], c["inter"], c["dtype"]
     x = torch.randn(T, d, generator=g)
@@ -282,7 +284,8 @@ def experts_args(c: dict, device: str = "cpu"):
         down[int(ids[0, 0])] = float("nan")  # corrupted weights of one expert
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     ids, pairs, offsets = ids.to(device), pairs.to(device), offsets.to(device)
-    return to(x), to(gate_up), to(down), ids, to(weights), pairs, offsets, H
+    args = (to(x), to(gate_up), to(down), ids, to(weights), pairs, offsets, H)
+    return (*args, "silu", None, None, 1.0, None, 0.0, True) if c.get("weight_input") else args
 
 
 def check_experts(got, args) -> None:

@@ -169,6 +169,35 @@ def test_lower_experts_with_groups_sums_group_partials():
     torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
 
 
+def test_lower_experts_dense_weighted_input():
+    """Llama 4's dense experts: found under graph routing and lowered to one foe::experts_swiglu with the
+    weight on the input; the dense bmms and the repeat are gone, the routing (top-k, scatter, sigmoid) stays."""
+    from handwritten_moes import DenseWeightedInput
+
+    gm = capture(DenseWeightedInput(32, 16, 6, 2), X)
+    before = gm(X)
+    find_moe_blocks(gm)
+    (match,) = gm.meta[MOE_KEY]
+    assert match.kind == "dense_weighted_input" and match.weight_input and match.graph_routing
+    lower_experts(gm, num_groups=2)
+    cleanup(gm)
+    (node,) = [n for n in gm.graph.nodes if "experts_swiglu" in str(n.target)]
+    assert node.args[7] == 2 and node.args[-1] is True  # num_groups, weight_input
+    assert count(gm, "aten.bmm") == 0 and count(gm, "aten.repeat") == 0
+    assert count(gm, "aten.topk") == count(gm, "aten.scatter") == count(gm, "aten.sigmoid") == 1
+    torch.testing.assert_close(gm(X), before, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_weighted_input_must_not_fire_when_unpicked_experts_contribute():
+    from handwritten_moes import DenseZeroFill
+
+    gm = capture(DenseZeroFill(32, 16, 6, 2), X)
+    code = copy.deepcopy(gm.code)
+    find_moe_blocks(gm)
+    assert not gm.meta[MOE_KEY] and "sigmoid" in gm.meta[UNTOUCHED_KEY][0][1]
+    assert lower_experts(gm).rewrites == 0 and gm.code == code
+
+
 def test_lower_experts_must_not_fire_without_matches():
     gm = capture(SwiGLU(32, 16), X)
     code = copy.deepcopy(gm.code)

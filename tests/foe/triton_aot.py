@@ -43,24 +43,27 @@ def compile_shared(fn, pointers: dict, ints: dict, unit: tuple, consts: dict, op
 
 
 def shared_bytes(E: int, I: int, d: int, cfg: dict) -> tuple[int, int]:
-    """The plain SiLU SwiGLU: the gated variants share its tiles, the ungated one has fewer."""
+    """The plain SiLU SwiGLU: the gated variants share its tiles, the ungated one has fewer; the first kernel
+    also with the routing weight on its input (weight_input: one more [BM] load and a scale of the x tile)."""
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_E=te._pow2(E, 2), PRECISION="tf32", UPCAST=False)
     bf16 = "*bf16"
     gu, dn = cfg["gate_up"], cfg["down"]
     bn, bk = min(gu["BLOCK_N"], te._pow2(I)), min(gu["BLOCK_K"], te._pow2(d))
-    a = compile_shared(
+    a = max(compile_shared(
         te._gate_up_swiglu_kernel,
-        dict(x_ptr=bf16, w_ptr=bf16, b_ptr=None, h_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64"),
-        dict(E=E, I=I, d=d, k=8, num_pid_m=3, stride_xt=d, stride_we=2 * I * d, stride_wn=d), ("stride_xd", "stride_wd"),
+        dict(x_ptr=bf16, w_ptr=bf16, b_ptr=None, h_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64", rw_ptr=bf16),
+        dict(E=E, I=I, d=d, k=8, num_pid_m=3, stride_xt=d, stride_we=2 * I * d, stride_wn=d, stride_rt=8),
+        ("stride_xd", "stride_wd", "stride_rk"),
         dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gu["GROUP_M"], EVEN_K=d % bk == 0, ACTIVATION="silu",
-             HAS_BIAS=False, HAS_LIMIT=False),
-        dict(num_warps=gu["num_warps"], num_stages=gu["num_stages"]))
+             HAS_BIAS=False, HAS_LIMIT=False, WEIGHT_INPUT=weight_input),
+        dict(num_warps=gu["num_warps"], num_stages=gu["num_stages"])) for weight_input in (False, True))
     bn, bk = min(dn["BLOCK_N"], te._pow2(d)), min(dn["BLOCK_K"], te._pow2(I))
     b = compile_shared(
         te._down_weighted_kernel,
         dict(h_ptr=bf16, w_ptr=bf16, b_ptr=None, y_ptr=bf16, pairs_ptr="*i64", offsets_ptr="*i64", rw_ptr=bf16),
         dict(E=E, I=I, d=d, k=8, num_pid_m=3, stride_we=I * d, stride_wn=I, stride_rt=8), ("stride_wk", "stride_rk"),
-        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0, HAS_BIAS=False),
+        dict(common, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=dn["GROUP_M"], EVEN_K=I % bk == 0, HAS_BIAS=False,
+             WEIGHT_INPUT=False),
         dict(num_warps=dn["num_warps"], num_stages=dn["num_stages"]))
     return a, b
 
