@@ -129,6 +129,7 @@ def test_foe_form_is_built_or_refused_with_a_reason(model_type):
         return
     converted, report = convert(model, mode="foe", calibration_inputs=capture)
     assert report.num_groups > 1 and not report.structurally_exact and not report.exact
-    assert report.validation_error is not None and all(layer.reasons for layer in report.layers)
+    # every MoE layer says why it is approximate (a dense first layer, read from the embeddings, is exact)
+    assert report.validation_error is not None and all(layer.reasons for layer in report.layers if layer.kind == "moe")
     ids = tokens(model, 1, 5, seed=1)
     assert logits(converted(ids)).shape == logits(model(ids)).shape
