@@ -211,3 +211,44 @@ def test_onnx_variants(tmp_path, case):
             want = model(xt)
         for name, a, b in zip(("r", "xn", "ids", "weights", "pairs", "offsets"), got, want):
             torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- GPU: native CUDA and CuPy (GPU-marked; skipped without a CUDA device) --------------------------------------
+
+def _gpu_backends():
+    from foe_compile.kernels import cupy_runtime
+
+    out = []
+    for name in ("native", "cupy"):
+        reason = None
+        if not torch.cuda.is_available():
+            reason = "needs a CUDA device"
+        elif name == "native" and not native.has_cuda():
+            reason = "foe_compile._C built without CUDA"
+        elif name == "cupy" and cupy_runtime.UNAVAILABLE_REASON is not None:
+            reason = cupy_runtime.UNAVAILABLE_REASON
+        marks = [pytest.mark.gpu] + ([pytest.mark.skip(reason=reason)] if reason else [])
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("T", [0, 111])
+@pytest.mark.parametrize("case", ONNX_CASES, ids=lambda c: "-".join(map(str, c)))  # no tied -inf picks
+def test_gpu_variant_matches_the_plain_routing(backend, T, case):
+    """fp32 on CUDA: the picks as a set and the weights by id equal the plain routing of the kernel's xn (ties
+    resolve to lower ids there, documented: the case picking among tied -inf selections is left out, as for ONNX)."""
+    from foe_compile.kernels import cupy_runtime
+
+    route = torch.ops.foe.sum_route_dispatch_native if backend == "native" else cupy_runtime.sum_route_dispatch
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in route_inputs(T, E, K, 1, d=D, seed=T)]
+    var = [v.cuda() if isinstance(v, torch.Tensor) else v for v in variant(case)]
+    r, xn, ids, weights, pairs, offsets = route(*args, *var)
+    logits = torch.nn.functional.linear(xn, args[4]).cpu()
+    cpu_var = variant(case)
+    want_ids, want_w = plain_route(logits, K, cpu_var[0], cpu_var[2], cpu_var[3], *cpu_var[4:], renormalize=True)
+    got_ids, got_w = by_id(ids.cpu(), weights.cpu())
+    want_ids, want_w = by_id(want_ids, want_w)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
+    assert torch.equal(pairs.cpu(), reference.group_by_expert(ids.cpu(), E)[0])
