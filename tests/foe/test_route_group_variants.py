@@ -149,6 +149,17 @@ def test_gradients_reach_the_expert_scale_and_router():
     torch.testing.assert_close(router.grad, g_router)
 
 
+@needs_native
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[9]], ids=["group", "scale", "topk_first"])
+def test_opcheck_group_and_weight_variants(case):
+    args = route_inputs(7, E, K, 1, d=D, seed=1)
+    var = variant(case)
+    torch.library.opcheck(torch.ops.foe.sum_route_dispatch_native.default, (*args, *var))
+    grads = [t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    var = [v.clone().requires_grad_() if isinstance(v, torch.Tensor) and i == 7 else v for i, v in enumerate(var)]
+    torch.library.opcheck(torch.ops.foe.sum_route_dispatch.default, (*grads, *var))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(n_group=3), "must split the 16 experts"),
     (dict(n_group=4, topk_group=5), "topk_group=5"),
