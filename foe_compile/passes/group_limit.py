@@ -68,6 +68,8 @@ def match_group_limit(masked: fx.Node) -> tuple[fx.Node, dict] | str | None:
     if not is_op(group_scores, aten.sum.dim_IntList) or list(group_scores.args[1]) not in ([-1], [2]) or \
             (len(group_scores.args) > 2 and group_scores.args[2]):
         return _NOT_LIMIT.format("the group scores are not a sum over each group")
+    if tuple(val(zeros).shape) != tuple(val(group_scores).shape):
+        return _NOT_LIMIT.format("the kept-groups mask is not shaped like the group scores")
     top2 = _topk_output(group_scores.args[0], 0)
     if top2 is None or top2.args[1] != 2:
         return _NOT_LIMIT.format("the group scores are not the sum of each group's top 2")
