@@ -83,6 +83,35 @@ Scoring check_route_variant(const at::Tensor& router_weight, c10::string_view sc
   return found->second;
 }
 
+void check_route_limits(const at::Tensor& router_weight, int64_t num_groups,
+                        const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+                        const std::optional<at::Tensor>& expert_scale, double renorm_eps, double renorm_min,
+                        bool topk_first) {
+  const int64_t E = router_weight.size(0);
+  if (n_group != 1) {
+    TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0 && E / n_group >= 2, "n_group=", n_group,
+                      " must split the ", E, " experts into equal groups of at least 2");
+    TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, "topk_group=", topk_group, " must be in [1, n_group=",
+                      n_group, "]");
+  }
+  for (const auto& [name, value] : {std::pair<const char*, double>{"renorm_eps", renorm_eps}, {"renorm_min", renorm_min}}) {
+    TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, name, " must be finite and >= 0, got ", value);
+  }
+  TORCH_CHECK_VALUE(!topk_first || (!correction_bias && n_group == 1),
+                    "topk_first selects on the logits: it takes no correction_bias and no group limit (n_group=1)");
+  if (expert_scale) {
+    const at::Tensor& s = *expert_scale;
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == E, "expert_scale must be [E] = [", E, "], got ", s.sizes());
+    TORCH_CHECK_VALUE(s.scalar_type() == router_weight.scalar_type() || s.scalar_type() == at::kFloat,
+                      "expert_scale must have dtype ", router_weight.scalar_type(), " or Float, got ", s.scalar_type(),
+                      ": cast it with .to(...)");
+    TORCH_CHECK_VALUE(s.device() == router_weight.device(), "expert_scale must be on router_weight's device ",
+                      router_weight.device(), ", got ", s.device());
+  }
+  TORCH_CHECK(num_groups == 1 || n_group == 1, "a group limit (n_group=", n_group,
+              ") needs num_groups=1: in the FoE form the quota of k/H picks per block replaces it (pass n_group=1)");
+}
+
 namespace {
 
 ExpertUnit parse_expert_unit(c10::string_view activation, double alpha, std::optional<double> limit,

@@ -32,6 +32,16 @@ Scoring check_route_variant(const at::Tensor& router_weight, c10::string_view sc
                             const std::optional<at::Tensor>& router_bias,
                             const std::optional<at::Tensor>& correction_bias, double routed_scaling);
 
+// The group-limit and weight variants of foe::sum_route_dispatch (after routed_scaling), checked as
+// ops.check_route_variant / check_route_args do (ValueError): n_group splits E into equal groups of >= 2 with
+// 1 <= topk_group <= n_group, and needs num_groups = 1 (the FoE quota replaces a group limit); expert_scale
+// [E] in the router's dtype or float32 on its device; finite renorm_eps, renorm_min >= 0; topk_first without
+// a correction bias or a group limit.
+void check_route_limits(const at::Tensor& router_weight, int64_t num_groups,
+                        const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+                        const std::optional<at::Tensor>& expert_scale, double renorm_eps, double renorm_min,
+                        bool topk_first);
+
 // The expert unit of foe::experts_swiglu between its two projections (reference.expert_unit). The values are
 // the FOE_ACT_* codes the CUDA kernels take (kernels/experts_swiglu.cuh; asserted in experts_swiglu_cuda.cu).
 enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu2 = 3 };
@@ -80,7 +90,10 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual /*[1 or H,T,d]*/,
                                     bool renormalize, c10::string_view scoring = "softmax",
                                     const std::optional<at::Tensor>& router_bias = std::nullopt /*[E]*/,
                                     const std::optional<at::Tensor>& correction_bias = std::nullopt /*[E]*/,
-                                    double routed_scaling = 1.0);
+                                    double routed_scaling = 1.0, int64_t n_group = 1, int64_t topk_group = 1,
+                                    bool group_fill_zero = false,
+                                    const std::optional<at::Tensor>& expert_scale = std::nullopt /*[E]*/,
+                                    double renorm_eps = 0.0, double renorm_min = 0.0, bool topk_first = false);
 
 // The arguments after num_groups are the schema's unit arguments, with its defaults (the plain SiLU SwiGLU), then
 // weight_input: the routing weight scales the expert's input (w * x_t, in x's dtype) instead of its output.
@@ -99,7 +112,10 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
                                      const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
                                      int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
                                      const std::optional<at::Tensor>& router_bias,
-                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling);
+                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling,
+                                     int64_t n_group, int64_t topk_group, bool group_fill_zero,
+                                     const std::optional<at::Tensor>& expert_scale, double renorm_eps,
+                                     double renorm_min, bool topk_first);
 at::Tensor experts_swiglu_cuda(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
                                const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, int64_t num_groups,

@@ -8,7 +8,9 @@ TORCH_LIBRARY_FRAGMENT(foe, m) {
   m.def(
       "sum_route_dispatch_native(Tensor residual, Tensor partials, Tensor norm_weight, float eps, "
       "Tensor router_weight, int num_groups, int top_k, bool renormalize, str scoring=\"softmax\", "
-      "Tensor? router_bias=None, Tensor? correction_bias=None, float routed_scaling=1.0) -> (Tensor r, Tensor xn, "
+      "Tensor? router_bias=None, Tensor? correction_bias=None, float routed_scaling=1.0, int n_group=1, "
+      "int topk_group=1, bool group_fill_zero=False, Tensor? expert_scale=None, float renorm_eps=0.0, "
+      "float renorm_min=0.0, bool topk_first=False) -> (Tensor r, Tensor xn, "
       "Tensor topk_ids, Tensor topk_weights, Tensor sorted_pairs, Tensor expert_offsets)");
   m.def(
       "experts_swiglu_native(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor topk_weights, "

@@ -3,10 +3,12 @@
 //   router: logits = xn @ router_weight^T through ATen's BLAS GEMM
 //   pass 2 (per chunk of tokens): fp32 softmax, quota top-(k/H) in torch.topk's CPU order (NaN first, ties
 //          as torch.topk leaves them; see topk_like_torch), renormalise, scale, count picks per expert
-//   router variants (sigmoid / sqrtsoftplus scores, correction_bias): the fp32 scores (and scores + bias, the
-//          selection) come from the reference's own ATen calls on the whole [T, E] logits, bit for bit; pass 2
-//          then picks on the selection and weighs with the scores. router_bias goes into the router GEMM
-//          (at::linear's bias, the reference's F.linear call).
+//   router variants (sigmoid / sqrtsoftplus scores, correction_bias, group limit, topk_first): the fp32 scores
+//          and the selection (scores + bias, group-limited; the logits for topk_first) come from the reference's
+//          own ATen calls on the whole [T, E] logits, bit for bit; pass 2 then picks on the selection and weighs
+//          with the scores. router_bias goes into the router GEMM (at::linear's bias, the reference's F.linear
+//          call). The weight variants (renorm_eps / renorm_min, expert_scale, topk_first's softmax over the
+//          picks) are applied per token in pass 2 (WeightRule).
 //   placement (per chunk): stable counting sort of the (token, slot) pairs by expert
 // Rounding mirrors reference.py step by step (each op rounds to the input dtype where the reference
 // does), so bf16/fp16 results match the reference up to summation order.
@@ -129,6 +131,16 @@ bool topk_distinct(float* block /*[n]*/, int64_t n, int64_t picks, int64_t* loca
   return true;
 }
 
+// The weight variants of reference.picked_weights, applied to a token's k picked scores: the renormalisation
+// divides by clamp(sum + renorm_eps, min=renorm_min); expert_scale [E] (fp32) multiplies after the scaling;
+// softmax_picks (topk_first with softmax scores): the picks hold logits, and their softmax over the k picks
+// replaces them. The default rule changes nothing.
+struct WeightRule {
+  float renorm_eps = 0.f, renorm_min = 0.f;
+  const float* expert_scale = nullptr;  // [E] fp32, or null
+  bool softmax_picks = false;
+};
+
 // Softmax over E logits, top-(k/H) per block of E/H experts (torch.topk's order, above), weights
 // renormalised over the k picks, then scaled. Counts picks per expert into chunk_counts [E].
 // Variants: with `scores` [E] (fp32, precomputed) the picks are made on `selection` [E] (scores + correction
@@ -140,7 +152,7 @@ bool topk_distinct(float* block /*[n]*/, int64_t n, int64_t picks, int64_t* loca
 template <typename scalar_t>
 void route_token(const scalar_t* logits /*[E]*/, const float* scores /*[E] or null*/,
                  const float* selection /*[E] or null*/, int64_t E, int64_t H, int64_t k, bool renormalize,
-                 float scaling, float* probs /*[E] scratch*/, Candidate* queue /*[E/H] scratch*/, int64_t* local /*[k/H] scratch*/,
+                 float scaling, const WeightRule& rule, float* probs /*[E] scratch*/, Candidate* queue /*[E/H] scratch*/, int64_t* local /*[k/H] scratch*/,
                  float* picked /*[k] scratch*/, int64_t* ids /*[k]*/, scalar_t* weights /*[k]*/,
                  int64_t* chunk_counts /*[E]*/) {
   bool nan_row = false;  // softmax: every probability NaN, or none
@@ -177,18 +189,33 @@ void route_token(const scalar_t* logits /*[E]*/, const float* scores /*[E] or nu
       if (scores != nullptr) values[j] = scores[id];  // weighed by the scores, not the selection
     }
   }
+  if (rule.softmax_picks) {  // as the in-row softmax above, over the k picked logits
+    float max_logit = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < k; ++j) max_logit = std::max(max_logit, picked[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      picked[j] = std::exp(picked[j] - max_logit);
+      total += picked[j];
+    }
+    const float inv_total = 1.f / total;
+    for (int64_t j = 0; j < k; ++j) picked[j] *= inv_total;
+  }
   float sum = 0.f;
   for (int64_t j = 0; j < k; ++j) sum += picked[j];
+  if (rule.renorm_eps != 0.f) sum += rule.renorm_eps;
+  if (rule.renorm_min != 0.f && sum < rule.renorm_min) sum = rule.renorm_min;  // a NaN sum stays NaN, as clamp
   // x * 1.f is x exactly: the default call's weights are unchanged by the scaling.
   for (int64_t j = 0; j < k; ++j) {
-    weights[j] = static_cast<scalar_t>((renormalize ? picked[j] / sum : picked[j]) * scaling);
+    float w = (renormalize ? picked[j] / sum : picked[j]) * scaling;
+    if (rule.expert_scale != nullptr) w *= rule.expert_scale[ids[j]];
+    weights[j] = static_cast<scalar_t>(w);
   }
 }
 
 template <typename scalar_t>
 void route_tokens(const scalar_t* logits /*[T,E]*/, const float* scores /*[T,E] or null*/,
                   const float* selection /*[T,E] or null*/, int64_t T, int64_t E, int64_t H, int64_t k,
-                  bool renormalize, float scaling, int64_t* ids /*[T,k]*/, scalar_t* weights /*[T,k]*/, int64_t* pairs /*[T*k]*/,
+                  bool renormalize, float scaling, const WeightRule& rule, int64_t* ids /*[T,k]*/, scalar_t* weights /*[T,k]*/, int64_t* pairs /*[T*k]*/,
                   int64_t* offsets /*[E+1]*/) {
   const int64_t chunks = (T + kTokensPerChunk - 1) / kTokensPerChunk;
   std::vector<int64_t> slots(chunks * E, 0);  // [chunks, E]: picks per (chunk, expert), then write cursors
@@ -199,7 +226,7 @@ void route_tokens(const scalar_t* logits /*[T,E]*/, const float* scores /*[T,E] 
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = c * kTokensPerChunk; t < std::min(T, (c + 1) * kTokensPerChunk); ++t) {
         route_token(logits + t * E, scores ? scores + t * E : nullptr, selection ? selection + t * E : nullptr, E,
-                    H, k, renormalize, scaling, probs.data(), queue.data(), local.data(), picked.data(),
+                    H, k, renormalize, scaling, rule, probs.data(), queue.data(), local.data(), picked.data(),
                     ids + t * k, weights + t * k, slots.data() + c * E);
       }
     }
@@ -224,6 +251,17 @@ void route_tokens(const scalar_t* logits /*[T,E]*/, const float* scores /*[T,E] 
   });
 }
 
+// reference.limit_groups in the same ATen calls: `select` [T, E] fp32 with the experts outside the topk_group
+// best of n_group groups (a group scores the sum of its top-2) set to -inf, or 0 with fill_zero.
+at::Tensor limit_groups(const at::Tensor& select, int64_t n_group, int64_t topk_group, bool fill_zero) {
+  const int64_t T = select.size(0), E = select.size(1);
+  const auto group_scores = std::get<0>(select.view({T, n_group, E / n_group}).topk(2, -1)).sum(-1);  // [T, n_group]
+  const auto best = std::get<1>(group_scores.topk(topk_group, -1, /*largest=*/true, /*sorted=*/false));
+  const auto kept = at::zeros_like(group_scores).scatter_(1, best, 1.0).to(at::kBool);
+  const auto masked = kept.logical_not().unsqueeze(-1).expand({T, n_group, E / n_group}).reshape({T, E});
+  return select.masked_fill(masked, fill_zero ? 0.0 : -std::numeric_limits<double>::infinity()).contiguous();
+}
+
 }  // namespace
 
 void group_by_expert_host(const int64_t* ids, int64_t n, int64_t num_experts, int64_t* pairs, int64_t* offsets) {
@@ -241,9 +279,14 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor
                                     const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
                                     int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
                                     const std::optional<at::Tensor>& router_bias,
-                                    const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
+                                    const std::optional<at::Tensor>& correction_bias, double routed_scaling,
+                                    int64_t n_group, int64_t topk_group, bool group_fill_zero,
+                                    const std::optional<at::Tensor>& expert_scale, double renorm_eps, double renorm_min,
+                                    bool topk_first) {
   check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k);
   const Scoring score = check_route_variant(router_weight, scoring, router_bias, correction_bias, routed_scaling);
+  check_route_limits(router_weight, num_groups, correction_bias, n_group, topk_group, expert_scale, renorm_eps,
+                     renorm_min, topk_first);
   TORCH_CHECK(partials.device().is_cpu(), "sum_route_dispatch_cpu got a ", partials.device(), " tensor");
   const auto res = residual.contiguous(), par = partials.contiguous(), nw = norm_weight.contiguous();
   const int64_t H = par.size(0), T = par.size(1), d = par.size(2), E = router_weight.size(0);
@@ -254,19 +297,28 @@ RouteOutputs sum_route_dispatch_cpu(const at::Tensor& residual, const at::Tensor
                            par.const_data_ptr<scalar_t>(), nw.const_data_ptr<scalar_t>(), float(eps), H, T, d,
                            r.mutable_data_ptr<scalar_t>(), xn.mutable_data_ptr<scalar_t>());
     const auto logits = at::linear(xn, router_weight, router_bias).contiguous();  // [T,E], rounded like F.linear
-    // Variants: the reference's fp32 scores and selection (reference.router_scores / selection_scores).
+    // Variants: the reference's fp32 scores and selection (reference.router_scores / selection_scores /
+    // limit_groups; topk_first: the selection is the logits, and with softmax the picked logits are weighed by
+    // their softmax over the picks, WeightRule::softmax_picks).
     at::Tensor scores, selection;
-    if (score != Scoring::kSoftmax || correction_bias) {
-      const auto logits32 = logits.to(at::kFloat);
-      scores = (score == Scoring::kSoftmax   ? at::softmax(logits32, -1)
-                : score == Scoring::kSigmoid ? at::sigmoid(logits32)
-                                             : at::sqrt(at::softplus(logits32)))
-                   .contiguous();
+    if (score != Scoring::kSoftmax || correction_bias || n_group > 1 || topk_first) {
+      const auto logits32 = logits.to(at::kFloat).contiguous();
+      scores = topk_first && score == Scoring::kSoftmax ? logits32
+               : (score == Scoring::kSoftmax   ? at::softmax(logits32, -1)
+                  : score == Scoring::kSigmoid ? at::sigmoid(logits32)
+                                               : at::sqrt(at::softplus(logits32)))
+                     .contiguous();
+      if (topk_first) selection = logits32;
       if (correction_bias) selection = (scores + correction_bias->to(at::kFloat)).contiguous();
+      if (n_group > 1) selection = limit_groups(selection.defined() ? selection : scores, n_group, topk_group, group_fill_zero);
     }
+    const auto scale = expert_scale ? expert_scale->to(at::kFloat).contiguous() : at::Tensor();
+    const WeightRule rule{static_cast<float>(renorm_eps), static_cast<float>(renorm_min),
+                          scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+                          topk_first && score == Scoring::kSoftmax};
     route_tokens<scalar_t>(logits.const_data_ptr<scalar_t>(), scores.defined() ? scores.const_data_ptr<float>() : nullptr,
                            selection.defined() ? selection.const_data_ptr<float>() : nullptr, T, E, num_groups, top_k,
-                           renormalize, static_cast<float>(routed_scaling),
+                           renormalize, static_cast<float>(routed_scaling), rule,
                            ids.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<scalar_t>(),
                            pairs.mutable_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>());
   });

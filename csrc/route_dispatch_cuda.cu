@@ -2,7 +2,8 @@
 // kernels/route_dispatch.cuh (the same extern "C" entry points that CuPy compiles with NVRTC).
 // Default (split): norm kernel, logits = at::linear(xn, router_weight, router_bias) (cuBLAS; the reference's own
 // call), scores/top-k kernel (every router variant), grouping. FOE_CUDA_ROUTE=fused selects the older
-// one-block-per-token kernel for default calls (softmax, no biases, no scaling); variants take the split path.
+// one-block-per-token kernel for default calls (softmax, no biases, no scaling, no group limit or weight
+// variant); variants take the split path.
 // Checked here (host, no synchronisation): shapes, dtypes, devices, and sizes the kernels' int indexing and
 // shared memory can hold. Not checked: values (NaN/Inf inputs are legal: NaN ranks first in top-k, see
 // kernels/route_dispatch.cuh; ids always land in [0, E) and the grouping kernels trap otherwise).
@@ -109,10 +110,18 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
                                      const at::Tensor& norm_weight, double eps, const at::Tensor& router_weight,
                                      int64_t num_groups, int64_t top_k, bool renormalize, c10::string_view scoring,
                                      const std::optional<at::Tensor>& router_bias,
-                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling) {
+                                     const std::optional<at::Tensor>& correction_bias, double routed_scaling,
+                                     int64_t n_group, int64_t topk_group, bool group_fill_zero,
+                                     const std::optional<at::Tensor>& expert_scale, double renorm_eps,
+                                     double renorm_min, bool topk_first) {
   check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k);
   const Scoring score = check_route_variant(router_weight, scoring, router_bias, correction_bias, routed_scaling);
-  const bool variant = score != Scoring::kSoftmax || router_bias || correction_bias || routed_scaling != 1.0;
+  check_route_limits(router_weight, num_groups, correction_bias, n_group, topk_group, expert_scale, renorm_eps,
+                     renorm_min, topk_first);
+  TORCH_CHECK_VALUE(n_group <= FOE_MAX_GROUPS, "the CUDA route kernel keeps a group limit's groups in a ",
+                    FOE_MAX_GROUPS, "-bit mask: n_group <= ", FOE_MAX_GROUPS, ", got ", n_group);
+  const bool variant = score != Scoring::kSoftmax || router_bias || correction_bias || routed_scaling != 1.0 ||
+                       n_group != 1 || expert_scale || renorm_eps != 0.0 || renorm_min != 0.0 || topk_first;
   TORCH_CHECK(partials.is_cuda(), "sum_route_dispatch_cuda got a ", partials.device(), " tensor");
   const c10::cuda::CUDAGuard guard(partials.device());
   const auto res = residual.contiguous(), par = partials.contiguous();
@@ -149,6 +158,7 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
       const auto logits = at::linear(xn, router_weight, router_bias).contiguous();  // [T, E]
       // The correction bias in fp32 (exact from bf16/fp16), read by the top-k kernel's selection.
       const auto correction = correction_bias ? correction_bias->to(at::kFloat).contiguous() : at::Tensor();
+      const auto scale = expert_scale ? expert_scale->to(at::kFloat).contiguous() : at::Tensor();  // [E] fp32
       const int64_t per_warp = (E + top_k) * static_cast<int64_t>(sizeof(float));
       const int64_t warps = std::max<int64_t>(1, std::min<int64_t>({FOE_TOPK_WARPS, 48 * 1024 / per_warp, T}));
       const int64_t blocks = (T + warps - 1) / warps;
@@ -157,7 +167,9 @@ RouteOutputs sum_route_dispatch_cuda(const at::Tensor& residual, const at::Tenso
           as_kernel<scalar_t>(logits), T, static_cast<int>(E), static_cast<int>(num_groups), static_cast<int>(top_k),
           renormalize ? 1 : 0, static_cast<int>(score),
           correction.defined() ? correction.const_data_ptr<float>() : nullptr, static_cast<float>(routed_scaling),
-          ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
+          static_cast<int>(n_group), static_cast<int>(topk_group), group_fill_zero ? 1 : 0,
+          scale.defined() ? scale.const_data_ptr<float>() : nullptr, static_cast<float>(renorm_eps),
+          static_cast<float>(renorm_min), topk_first ? 1 : 0, ll_ptr_mut(ids), as_kernel_mut<scalar_t>(weights));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -30,7 +30,8 @@ from .passes.find_gqa_attention import find_gqa_attention
 from .passes.find_moe_blocks import find_moe_blocks
 from .passes.matches import ATTENTION_KEY, MOE_KEY, UNTOUCHED_KEY
 from .passes.partition_groups import GROUPS_KEY, group_count
-from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
+from .report import (CommunicationReport, ConversionReport, LayerReport, group_limit_reason, quota_reason,
+                     stream_reason)
 from .validation import copy_graph, max_relative_error, sample_inputs, tensor_leaves, tolerance, validated_exact_rewrite
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,8 @@ def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) 
         streams = foe and i < len(attentions) and attentions[i].reads_group_streams
         for block in after.get(i, [None]):
             reasons = [quota_reason(block.top_k, H, block.num_experts)] if foe and block is not None else []
+            if reasons and block.routing.get("n_group", 1) > 1:  # fuse_sum_route_dispatch drops it in the FoE form
+                reasons.append(group_limit_reason(block.routing["n_group"], block.routing["topk_group"]))
             if streams:
                 reasons.append(stream_reason(c))
             notes = [f"{block.kind} experts lowered to foe::experts_swiglu"] if block is not None else []

@@ -11,6 +11,11 @@ def quota_reason(top_k: int, num_groups: int, num_experts: int) -> str:
             f"experts, not global top-{top_k}")
 
 
+def group_limit_reason(n_group: int, topk_group: int) -> str:
+    return (f"group limit replaced by the quota: the source keeps the best {topk_group} of {n_group} expert groups, "
+            "the FoE form none (each FoE group picks its own quota)")
+
+
 def stream_reason(attn_stream_scale: float) -> str:
     return f"group streams: attention reads r_full + {attn_stream_scale:g}*m_h, the source r_full + sum_h m_h"
 

@@ -9,6 +9,11 @@
 //                             expert block of the selection = scores (+ fp32 correction bias) (ties to the lower
 //                             id, NaN largest); weights = the picked scores, renormalised, times the scaling.
 //                             router_bias is the launcher's: at::linear(xn, router_weight, router_bias)
+//                             Variants (reference.py): group limit (n_group <= 64 groups scored by their top-2
+//                             selection sum, the topk_group best kept, ties to the lower group id, NaN largest;
+//                             the others' selection -inf or 0), topk_first (selection = the logits, weights = the
+//                             score of the picked logits: softmax over the k picks, sigmoid, sqrt(softplus)),
+//                             renormalisation by max(sum + renorm_eps, renorm_min), times expert_scale[id]
 //   foe_group_small           one block, T*k <= FOE_GROUP_SMALL: counts, scan, warp-serial stable placement
 //   foe_count_tiles           picks per (expert, tile of FOE_TILE pairs), expert-major
 //   foe_scan_flat             one block: exclusive scan of the expert-major counts = each (expert, tile)'s
@@ -28,6 +33,7 @@
 #define FOE_TILE 256
 #define FOE_NORM_THREADS 256
 #define FOE_TOPK_WARPS 8
+#define FOE_MAX_GROUPS 64  // n_group of a group limit: a bit per group in a 64-bit mask
 #define FOE_GROUP_THREADS 1024
 #define FOE_GROUP_SMALL 4096
 #define FOE_SCAN_THREADS 1024
@@ -229,14 +235,21 @@ __device__ __forceinline__ unsigned long long foe_select_rank(float v, int e) {
 }
 
 // The next pick of block [begin, end) (whole warp; all 32 lanes call): the highest rank below `below` (the
-// previous pick's rank; ~0 for the first). Selection = scores (+ correction). Returns the rank; its id is
+// previous pick's rank; ~0 for the first). Selection = scores (+ correction), `fill` for the experts of a group
+// whose bit is clear in `kept` (group e / group_size; kept = ~0: no group limit). Returns the rank; its id is
 // foe_rank_id(rank), always in [begin, end) (begin were there none left: the launchers ask for k/H <= E/H).
+__device__ __forceinline__ float foe_selection(const float* scores, const float* __restrict__ correction, int e) {
+  return correction ? scores[e] + correction[e] : scores[e];
+}
+
 __device__ __forceinline__ unsigned long long foe_pick_next(const float* scores, const float* __restrict__ correction,
-                                                            int begin, int end, unsigned long long below) {
+                                                            int begin, int end, unsigned long long below,
+                                                            unsigned long long kept, int group_size, float fill) {
   const int lane = threadIdx.x & 31;
   unsigned long long best = 0;
   for (int e = begin + lane; e < end; e += 32) {
-    const unsigned long long rank = foe_select_rank(correction ? scores[e] + correction[e] : scores[e], e);
+    const bool masked = kept != ~0ull && !((kept >> (e / group_size)) & 1ull);
+    const unsigned long long rank = foe_select_rank(masked ? fill : foe_selection(scores, correction, e), e);
     if (rank < below && rank > best) best = rank;
   }
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -256,12 +269,45 @@ __device__ __forceinline__ float foe_score(int scoring, float x) {
   return sqrtf(x > 20.f ? x : log1pf(expf(x)));  // FOE_SCORE_SQRTSOFTPLUS
 }
 
+// The groups kept by a group limit (reference.limit_groups), as a bit mask over n_group <= 64 groups, computed
+// by lane 0 (n_group and the group sizes are small): group g scores the sum of the top-2 selection values of
+// experts [g * size, (g + 1) * size) (top-2 by foe_select_rank: NaN first); the topk_group best scores (same
+// order: NaN first, ties to the lower group id) are kept.
+__device__ __forceinline__ unsigned long long foe_kept_groups(const float* scores, const float* __restrict__ correction,
+                                                              int E, int n_group, int topk_group) {
+  const int size = E / n_group;
+  float group_score[FOE_MAX_GROUPS];
+  for (int g = 0; g < n_group; ++g) {
+    unsigned long long first = 0, second = 0;
+    for (int e = g * size; e < (g + 1) * size; ++e) {
+      const unsigned long long rank = foe_select_rank(foe_selection(scores, correction, e), e);
+      if (rank > first) second = first, first = rank;
+      else if (rank > second) second = rank;
+    }
+    group_score[g] = foe_selection(scores, correction, foe_rank_id(first, 0)) +
+                     foe_selection(scores, correction, foe_rank_id(second, 0));
+  }
+  unsigned long long kept = 0;
+  for (int i = 0; i < topk_group; ++i) {
+    unsigned long long best = 0;
+    for (int g = 0; g < n_group; ++g) {
+      const unsigned long long rank = foe_select_rank(group_score[g], g);
+      if (!((kept >> g) & 1ull) && rank > best) best = rank;
+    }
+    kept |= 1ull << foe_rank_id(best, 0);
+  }
+  return kept;
+}
+
 // One warp per token. Shared memory per warp: E + k floats (scores, then the k picked scores).
 template <typename scalar_t>
 __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logits /*[T,E] in the dtype*/,
                                                long long T, int E, int H, int k, int renormalize, int scoring,
                                                const float* __restrict__ correction /*[E] fp32 or null*/,
-                                               float scaling, long long* __restrict__ ids /*[T,k]*/,
+                                               float scaling, int n_group, int topk_group, int fill_zero,
+                                               const float* __restrict__ expert_scale /*[E] fp32 or null*/,
+                                               float renorm_eps, float renorm_min, int topk_first,
+                                               long long* __restrict__ ids /*[T,k]*/,
                                                scalar_t* __restrict__ weights /*[T,k]*/, float* shared) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
@@ -270,7 +316,9 @@ __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logi
   float* picked = probs + E;
   const scalar_t* row = logits + t * E;
 
-  if (scoring == FOE_SCORE_SOFTMAX) {
+  if (topk_first) {  // select on the logits; the picks are scored below
+    for (int e = lane; e < E; e += 32) probs[e] = foe_to_float(row[e]);
+  } else if (scoring == FOE_SCORE_SOFTMAX) {
     float max_logit = -3.402823466e38f;
     for (int e = lane; e < E; e += 32) {
       const float logit = foe_to_float(row[e]);  // F.linear's dtype logits, .float(): exact
@@ -291,13 +339,19 @@ __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logi
   }
   __syncwarp();
 
+  unsigned long long kept = ~0ull;  // no group limit
+  if (n_group > 1) {
+    if (lane == 0) kept = foe_kept_groups(probs, correction, E, n_group, topk_group);
+    kept = __shfl_sync(0xffffffffu, kept, 0);
+  }
+  const float fill = fill_zero ? 0.f : -__int_as_float(0x7f800000);  // -inf
   // Picks in the total order of foe_select_rank (the order of foe_pick_best, without marking taken experts:
   // the scores stay intact for the weights, and a corrected selection may be negative).
   const int block = E / H, per_group = k / H;
   for (int g = 0; g < H; ++g) {
     unsigned long long below = ~0ull;
     for (int j = 0; j < per_group; ++j) {
-      below = foe_pick_next(probs, correction, g * block, (g + 1) * block, below);
+      below = foe_pick_next(probs, correction, g * block, (g + 1) * block, below, kept, E / n_group, fill);
       const int best_id = foe_rank_id(below, g * block);
       if (lane == 0) {
         ids[t * k + g * per_group + j] = best_id;
@@ -306,21 +360,39 @@ __device__ __forceinline__ void foe_route_topk(const scalar_t* __restrict__ logi
     }
   }
   __syncwarp();
+  if (topk_first && lane == 0) {  // the picked logits -> their scores (softmax over the k picks)
+    if (scoring == FOE_SCORE_SOFTMAX) {
+      float max_logit = -3.402823466e38f, sum = 0.f;
+      for (int j = 0; j < k; ++j) max_logit = fmaxf(max_logit, picked[j]);
+      for (int j = 0; j < k; ++j) sum += (picked[j] = expf(picked[j] - max_logit));
+      for (int j = 0; j < k; ++j) picked[j] = picked[j] / sum;
+    } else {
+      for (int j = 0; j < k; ++j) picked[j] = foe_score(scoring, picked[j]);
+    }
+  }
+  __syncwarp();  // also orders lane 0's ids writes before the other lanes read them (expert_scale)
   float total = 0.f;
   for (int j = 0; j < k; ++j) total += picked[j];  // every lane, the same order
+  if (renorm_eps != 0.f) total += renorm_eps;
+  if (renorm_min != 0.f && total < renorm_min) total = renorm_min;  // a NaN total stays NaN, as clamp
   for (int j = lane; j < k; j += 32) {  // x * 1.f is x exactly: the default call's weights are unscaled
-    weights[t * k + j] = foe_from_float<scalar_t>((renormalize ? picked[j] / total : picked[j]) * scaling);
+    float w = (renormalize ? picked[j] / total : picked[j]) * scaling;
+    if (expert_scale) w *= expert_scale[ids[t * k + j]];
+    weights[t * k + j] = foe_from_float<scalar_t>(w);
   }
 }
 
-// grid = ceil(T / warps), block = 32 * warps, shared = warps * (E + k) floats. correction: [E] fp32 or null.
+// grid = ceil(T / warps), block = 32 * warps, shared = warps * (E + k) floats. correction, expert_scale: [E]
+// fp32 or null. n_group <= 64 (1: no group limit).
 #define FOE_TOPK_ENTRY(SUFFIX, TYPE)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * FOE_TOPK_WARPS) foe_route_topk_##SUFFIX(                  \
       const TYPE* __restrict__ logits, long long T, int E, int H, int k, int renormalize, int scoring,         \
-      const float* __restrict__ correction, float scaling, long long* __restrict__ ids,                        \
-      TYPE* __restrict__ weights) {                                                                           \
+      const float* __restrict__ correction, float scaling, int n_group, int topk_group, int fill_zero,         \
+      const float* __restrict__ expert_scale, float renorm_eps, float renorm_min, int topk_first,              \
+      long long* __restrict__ ids, TYPE* __restrict__ weights) {                                              \
     extern __shared__ float foe_topk_shared[];                                                                \
-    foe_route_topk<TYPE>(logits, T, E, H, k, renormalize, scoring, correction, scaling, ids, weights,         \
+    foe_route_topk<TYPE>(logits, T, E, H, k, renormalize, scoring, correction, scaling, n_group, topk_group,  \
+                         fill_zero, expert_scale, renorm_eps, renorm_min, topk_first, ids, weights,           \
                          foe_topk_shared);                                                                    \
   }
 FOE_TOPK_ENTRY(f32, float)

@@ -114,6 +114,64 @@ void check_route_variant_nan_bias() {
   }
 }
 
+// Group limit and weight variants (DeepSeek-V3: sigmoid + correction, 4 groups of 4 by their top-2 sums, 2 kept,
+// sum + 1e-20; Gemma 4: per-expert scale; Ernie 4.5: clamped sum; topk_first with sigmoid) against a scalar
+// reference written here, on the kernel's xn: the picks as a set, the weights by id.
+void check_group_and_weight_variants(int64_t T, int64_t n_group, int64_t topk_group, bool scale, double eps,
+                                     double minimum, bool topk_first) {
+  const int64_t E = 16, k = 4, d = 24;
+  const auto router = at::randn({E, d}) / std::sqrt(double(d));
+  const auto cb = 0.2 * at::randn({E}), es = at::rand({E}) + 0.5;
+  const std::optional<at::Tensor> cb_opt = topk_first ? std::nullopt : std::optional<at::Tensor>(cb);
+  const std::optional<at::Tensor> es_opt = scale ? std::optional<at::Tensor>(es) : std::nullopt;
+  const auto out = foe::sum_route_dispatch_cpu(at::randn({1, T, d}), at::randn({1, T, d}), at::ones({d}), 1e-6,
+                                               router, 1, k, true, "sigmoid", std::nullopt, cb_opt, 1.0, n_group,
+                                               topk_group, false, es_opt, eps, minimum, topk_first);
+  check_route_invariants(out, E, k, 1, "group/weight variants: ids/pairs/offsets in range");
+  const auto& [r, xn, ids, weights, pairs, offsets] = out;
+  const auto logits = at::matmul(xn, router.t()).contiguous();
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> logit(E), score(E), select(E);
+    for (int64_t e = 0; e < E; ++e) {
+      logit[e] = logits[t][e].item<float>();
+      score[e] = 1.f / (1.f + std::exp(-logit[e]));
+      select[e] = topk_first ? logit[e] : score[e] + cb[e].item<float>();
+    }
+    if (n_group > 1) {
+      const int64_t size = E / n_group;
+      std::vector<std::pair<float, int64_t>> groups;
+      for (int64_t g = 0; g < n_group; ++g) {
+        std::vector<float> v(select.begin() + g * size, select.begin() + (g + 1) * size);
+        std::sort(v.rbegin(), v.rend());
+        groups.push_back({v[0] + v[1], g});
+      }
+      std::sort(groups.begin(), groups.end(), [](auto a, auto b) { return a.first > b.first; });
+      for (int64_t i = topk_group; i < n_group; ++i) {
+        for (int64_t e = groups[i].second * size; e < (groups[i].second + 1) * size; ++e) {
+          select[e] = -std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+    std::vector<int64_t> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return select[a] > select[b]; });
+    std::vector<int64_t> want(order.begin(), order.begin() + k);
+    float total = 0.f;
+    for (int64_t id : want) total += score[id];
+    const float denominator = std::max(float(total + float(eps)), float(minimum));
+    std::sort(want.begin(), want.end());
+    auto got = ids[t].clone();
+    const auto sorted = got.sort();
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t id = std::get<0>(sorted)[j].item<int64_t>();
+      expect(id == want[j], "group/weight variants: picks", T, E, k, 1);
+      const float w = weights[t][std::get<1>(sorted)[j].item<int64_t>()].item<float>();
+      const float want_w = score[id] / denominator * (scale ? es[id].item<float>() : 1.f);
+      expect(std::abs(w - want_w) <= 1e-5f * std::abs(want_w) + 1e-7f, "group/weight variants: weights", T, E, k, 1);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -128,6 +186,13 @@ int main() {
   }
   check_route_variant_nan_bias();
   check_bad_route_variant_args();
+  for (int64_t T : {0, 1, 37}) {
+    check_group_and_weight_variants(T, 4, 2, false, 1e-20, 0.0, false);  // DeepSeek-V3
+    check_group_and_weight_variants(T, 4, 4, false, 0.0, 0.0, false);    // every group kept
+    check_group_and_weight_variants(T, 1, 1, true, 0.0, 0.0, false);     // per-expert scale
+    check_group_and_weight_variants(T, 1, 1, false, 0.0, 1e-3, false);   // clamped sum
+    check_group_and_weight_variants(T, 1, 1, true, 1e-6, 0.0, true);     // sigmoid of the top logits
+  }
   std::puts("foe C++ CPU router variants: all checks passed");
   return 0;
 }

@@ -8,8 +8,11 @@ no bf16 kernels for several standard ops, so bf16 files do not run there):
 
     sum_route_dispatch  ReduceMean over groups, RMSNorm, MatMul (+ router bias), the scores
                         (Softmax, Sigmoid or Sqrt(Softplus)), TopK per expert block (quota
-                        routing) of the scores (+ correction bias), GatherElements of the
-                        picked scores, renormalisation, scaling; the stable grouping by expert is a
+                        routing) of the scores (+ correction bias; group limit: TopK of the
+                        groups' top-2 sums, Where over the others; topk_first: of the logits),
+                        GatherElements of the picked scores (topk_first: the score of the
+                        picked logits), renormalisation (+ eps, at least min), scaling, Gather
+                        of the expert scales; the stable grouping by expert is a
                         TopK over the keys id * N + position (N = T*k); offsets = CumSum of
                         the per-expert counts
     experts_swiglu      one unrolled step per expert (E is static): the expert's rows of the
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 
 from ..capture import capture_kwargs, export_aten
 
-FLOAT, INT64 = 1, 7  # onnx.TensorProto data types
+FLOAT, INT64, BOOL = 1, 7, 9  # onnx.TensorProto data types
 
 
 def _ints(*values: int):
@@ -42,9 +45,33 @@ def _range(stop):
     return op.Range(op.Constant(value_int=0), op.Squeeze(stop), op.Constant(value_int=1))
 
 
+def _score(logits, scoring: str):
+    if scoring == "softmax":
+        return op.Softmax(logits, axis=-1)
+    if scoring == "sigmoid":
+        return op.Sigmoid(logits)
+    if scoring == "sqrtsoftplus":
+        return op.Sqrt(op.Softplus(logits))
+    raise ValueError(f"unknown router scoring {scoring!r}")
+
+
+def _limit_groups(select, n_group: int, topk_group: int, fill_zero: bool):
+    """reference.limit_groups: the experts outside the topk_group best groups (top-2 sums) get -inf (or 0)."""
+    grouped = op.Reshape(select, _ints(0, n_group, -1))  # [T, n_group, E/n_group]
+    top2, _ = op.TopK(grouped, _ints(2), axis=-1, largest=1, sorted=1)
+    group_scores = op.ReduceSum(top2, _ints(-1), keepdims=0)  # [T, n_group]
+    _, best = op.TopK(group_scores, _ints(topk_group), axis=-1, largest=1, sorted=1)
+    kept = op.ScatterElements(op.Expand(op.Constant(value_float=0.0), op.Shape(group_scores)), best,
+                              op.Expand(op.Constant(value_float=1.0), op.Shape(best)), axis=-1)
+    kept = op.Cast(op.Unsqueeze(kept, _ints(-1)), to=BOOL)  # [T, n_group, 1]
+    kept = op.Reshape(op.Expand(kept, op.Shape(grouped)), op.Shape(select))  # [T, E]
+    return op.Where(kept, select, op.Constant(value_float=0.0 if fill_zero else float("-inf")))
+
+
 def sum_route_dispatch(residual, partials, norm_weight, eps: float, router_weight, num_groups: int, top_k: int,
                        renormalize: bool, scoring: str = "softmax", router_bias=None, correction_bias=None,
-                       routed_scaling: float = 1.0):
+                       routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1, group_fill_zero: bool = False,
+                       expert_scale=None, renorm_eps: float = 0.0, renorm_min: float = 0.0, topk_first: bool = False):
     r = op.ReduceMean(op.Add(residual, partials), _ints(0), keepdims=0)
     x32 = op.Cast(r, to=FLOAT)  # normalised in fp32, scaled in the input dtype (reference.rms_norm)
     mean_sq = op.ReduceMean(op.Mul(x32, x32), _ints(-1), keepdims=1)
@@ -54,31 +81,39 @@ def sum_route_dispatch(residual, partials, norm_weight, eps: float, router_weigh
     if router_bias is not None:
         logits = op.Add(logits, router_bias)  # in the dtype, as F.linear's bias
     logits = op.Cast(logits, to=FLOAT)
-    if scoring == "softmax":
-        probs = op.Softmax(logits, axis=-1)
-    elif scoring == "sigmoid":
-        probs = op.Sigmoid(logits)
-    elif scoring == "sqrtsoftplus":
-        probs = op.Sqrt(op.Softplus(logits))
-    else:
-        raise ValueError(f"unknown router scoring {scoring!r}")
     num_experts = op.Shape(router_weight, start=0, end=1)
+    if topk_first:
+        probs = select = logits
+    else:
+        probs = _score(logits, scoring)
+        select = probs if correction_bias is None else op.Add(probs, op.Cast(correction_bias, to=FLOAT))
+        if n_group > 1:
+            select = _limit_groups(select, n_group, topk_group, group_fill_zero)
     block = op.Div(num_experts, _ints(num_groups))
     blocks = op.Reshape(probs, op.Concat(_ints(-1, num_groups), block, axis=0))  # [T, H, E/H]
-    if correction_bias is None:
+    if select is probs:
         values, local = op.TopK(blocks, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
-    else:  # the corrected scores choose the experts; the weights are the scores themselves
-        select = op.Reshape(op.Add(probs, op.Cast(correction_bias, to=FLOAT)),
-                            op.Concat(_ints(-1, num_groups), block, axis=0))
+    else:  # the selection (corrected, group-limited) chooses the experts; the weights are the scores themselves
+        select = op.Reshape(select, op.Concat(_ints(-1, num_groups), block, axis=0))
         _, local = op.TopK(select, _ints(top_k // num_groups), axis=-1, largest=1, sorted=1)
         values = op.GatherElements(blocks, local, axis=-1)
     first_id = op.Mul(op.Reshape(_range(_ints(num_groups)), _ints(1, -1, 1)), block)
     ids = op.Reshape(op.Add(local, first_id), _ints(-1, top_k))
     values = op.Reshape(values, _ints(-1, top_k))
+    if topk_first:  # the picked logits -> their scores (softmax over the k picks)
+        values = _score(values, scoring)
     if renormalize:
-        values = op.Div(values, op.ReduceSum(values, _ints(-1), keepdims=1))
+        total = op.ReduceSum(values, _ints(-1), keepdims=1)
+        if renorm_eps != 0.0:
+            total = op.Add(total, op.Constant(value_float=renorm_eps))
+        if renorm_min != 0.0:  # clamp(min=...), a NaN total staying NaN
+            minimum = op.Constant(value_float=renorm_min)
+            total = op.Where(op.Less(total, minimum), minimum, total)
+        values = op.Div(values, total)
     if routed_scaling != 1.0:
         values = op.Mul(values, op.Constant(value_float=routed_scaling))
+    if expert_scale is not None:
+        values = op.Mul(values, op.Gather(op.Cast(expert_scale, to=FLOAT), ids, axis=0))
     flat = op.Reshape(ids, _ints(-1))
     count = op.Shape(flat)
     key = op.Add(op.Mul(flat, count), _range(count))

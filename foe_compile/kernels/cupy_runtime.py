@@ -117,11 +117,17 @@ SCORING_CODE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # FOE_SCORE_* of
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
                        num_groups: int, top_k: int, renormalize: bool, scoring: str = "softmax",
                        router_bias: Tensor | None = None, correction_bias: Tensor | None = None,
-                       routed_scaling: float = 1.0):
+                       routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1, group_fill_zero: bool = False,
+                       expert_scale: Tensor | None = None, renorm_eps: float = 0.0, renorm_min: float = 0.0,
+                       topk_first: bool = False):
     """Norm kernel, logits = F.linear(xn, router_weight, router_bias) (the reference's call), scores/top-k kernel
-    (every router variant; the correction bias read in fp32), grouping."""
+    (every router variant; the correction bias and expert scale read in fp32), grouping."""
     ops.check_route_args(residual, partials, norm_weight, router_weight, num_groups, top_k, scoring, router_bias,
-                         correction_bias, routed_scaling)
+                         correction_bias, routed_scaling, n_group, topk_group, group_fill_zero, expert_scale,
+                         renorm_eps, renorm_min, topk_first)
+    if n_group > _constants()["FOE_MAX_GROUPS"]:
+        raise ValueError(f"the CUDA route kernel keeps a group limit's groups in a 64-bit mask: n_group <= 64, "
+                         f"got {n_group}")
     suffix = _check_dtype(partials, residual, norm_weight, router_weight,
                           *([] if router_bias is None else [router_bias]))
     res, par, nw = (t.contiguous() for t in (residual, partials, norm_weight))
@@ -143,12 +149,15 @@ def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, 
                  np.int32(H), np.int64(T), np.int64(d), np.int32(vectorised), _ptr(r), _ptr(xn)])
         logits = torch.nn.functional.linear(xn, router_weight, router_bias).contiguous()  # [T, E] in the dtype, cuBLAS
         correction = None if correction_bias is None else correction_bias.float().contiguous()
+        scale = None if expert_scale is None else expert_scale.float().contiguous()  # [E] fp32
         per_warp = 4 * (E + top_k)
         warps = max(1, min(c["FOE_TOPK_WARPS"], 48 * 1024 // per_warp, T))
         _launch(f"foe_route_topk_{suffix}", par.device, (-(-T // warps),), 32 * warps,
                 [_ptr(logits), np.int64(T), np.int32(E), np.int32(num_groups), np.int32(top_k),
                  np.int32(bool(renormalize)), np.int32(SCORING_CODE[scoring]), _optional_ptr(correction),
-                 np.float32(routed_scaling), _ptr(ids), _ptr(weights)], warps * per_warp)
+                 np.float32(routed_scaling), np.int32(n_group), np.int32(topk_group), np.int32(bool(group_fill_zero)),
+                 _optional_ptr(scale), np.float32(renorm_eps), np.float32(renorm_min), np.int32(bool(topk_first)),
+                 _ptr(ids), _ptr(weights)], warps * per_warp)
     _group_by_expert(ids, E, pairs, offsets)
     return r, xn, ids, weights, pairs, offsets
 

@@ -21,7 +21,8 @@ the missing feature once, and the call runs on the most preferred backend that h
 reference has every feature). Every backend receives all the op's schema arguments.
 
 Likewise foe::sum_route_dispatch (`route_features`): "sigmoid" / "sqrtsoftplus" scores, "router_bias",
-"correction_bias", "scaling" (routed_scaling != 1). A default call (softmax, no biases, no scaling) passes
+"correction_bias", "scaling" (routed_scaling != 1), "group_limit" (n_group > 1), "expert_scale",
+"renorm_eps" (renorm_eps or renorm_min != 0), "topk_first". A default call (softmax, no biases, no scaling) passes
 only the schema's first 8 arguments, so a backend registered without route features keeps working on it.
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "native", "cupy", "triton")
 OPS = ("sum_route_dispatch", "experts_swiglu")
 # Every feature of each op; a backend registers the ones it computes (default: the plain SiLU SwiGLU).
-ROUTE_FEATURES = frozenset({"sigmoid", "sqrtsoftplus", "router_bias", "correction_bias", "scaling"})
+ROUTE_FEATURES = frozenset({"sigmoid", "sqrtsoftplus", "router_bias", "correction_bias", "scaling", "group_limit",
+                            "expert_scale", "renorm_eps", "topk_first"})
 FEATURES = {"sum_route_dispatch": ROUTE_FEATURES,
             "experts_swiglu": frozenset(reference.ACTIVATIONS) | {"bias", "clamped", "weight_input"}}
 BASE_FEATURES = {"sum_route_dispatch": frozenset(), "experts_swiglu": frozenset({"silu"})}
@@ -89,8 +91,9 @@ def experts_features(activation: str = "silu", gate_up_bias=None, down_bias=None
     return frozenset(needs)
 
 
-def route_features(scoring: str = "softmax", router_bias=None, correction_bias=None,
-                   routed_scaling: float = 1.0) -> frozenset[str]:
+def route_features(scoring: str = "softmax", router_bias=None, correction_bias=None, routed_scaling: float = 1.0,
+                   n_group: int = 1, topk_group: int = 1, group_fill_zero: bool = False, expert_scale=None,
+                   renorm_eps: float = 0.0, renorm_min: float = 0.0, topk_first: bool = False) -> frozenset[str]:
     """The features a foe::sum_route_dispatch call needs, from its router-variant arguments."""
     if scoring not in reference.SCORINGS:
         raise ValueError(f"unknown router scoring {scoring!r}; foe::sum_route_dispatch computes {reference.SCORINGS}")
@@ -101,6 +104,14 @@ def route_features(scoring: str = "softmax", router_bias=None, correction_bias=N
         needs.add("correction_bias")
     if routed_scaling != 1.0:
         needs.add("scaling")
+    if n_group != 1:
+        needs.add("group_limit")
+    if expert_scale is not None:
+        needs.add("expert_scale")
+    if renorm_eps != 0.0 or renorm_min != 0.0:
+        needs.add("renorm_eps")
+    if topk_first:
+        needs.add("topk_first")
     return frozenset(needs)
 
 

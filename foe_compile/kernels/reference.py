@@ -7,12 +7,23 @@ sum_route_dispatch
     logits   = F.linear(xn, router_weight, router_bias) in xn's dtype  [T, E]
     scores   = score(logits in fp32): softmax (over E) | sigmoid | sqrtsoftplus = sqrt(softplus)
     select   = scores + correction_bias (fp32) when given, else scores [T, E]
+               group limit (n_group > 1): the E experts form n_group equal contiguous groups, a group's score
+               is the sum of its top-2 `select` values; the experts outside the topk_group best groups
+               (torch.topk's choice on ties) get `select` = -inf (0 with group_fill_zero, Mistral 4's
+               spelling) (DeepSeek-V3, GLM-4.5, Nemotron-H, dots1, Solar Open; n_group = 1 changes nothing)
+               topk_first: select = the logits (fp32) themselves (Mixtral, Llama 4: top-k on the logits)
     ids      = top-(k/H) of `select` in each of H equal expert blocks (H = 1: global top-k)
-    w        = scores[ids] (never the corrected `select`), divided by their sum over the k picks
-               when `renormalize`, then times `routed_scaling`; cast to xn's dtype
+               FoE form (H > 1): the quota replaces a group limit, which needs n_group = 1 (each FoE
+               group picks k/H of its own experts; the exact form, H = 1, computes the group limit)
+    w        = scores[ids] (never the corrected `select`; with topk_first the score of the k picked logits:
+               softmax over the k picks, sigmoid or sqrtsoftplus of each), divided by
+               clamp(their sum over the k picks + renorm_eps, min=renorm_min) when `renormalize`
+               (DeepSeek-V3 lineage: + 1e-20, LFM2: + 1e-6, Ernie 4.5: clamp at moe_norm_min),
+               times `routed_scaling`, times expert_scale[ids] (fp32; Gemma 4's per-expert scale);
+               cast to xn's dtype
                (Mixtral/Qwen: softmax; gpt-oss: softmax + router_bias; MiniMax-M2: sigmoid +
-               correction_bias; DeepSeek-V3's scoring without its group limit: sigmoid +
-               correction_bias + routed_scaling; DeepSeek-V4: sqrtsoftplus scores)
+               correction_bias; DeepSeek-V3: sigmoid + correction_bias + group limit + renorm_eps +
+               routed_scaling; DeepSeek-V4: sqrtsoftplus scores)
     pairs    = stable sort of the T*k (token, slot) pairs p = t*k + j by expert ids[t, j]
     offsets  = offsets[e] = first position of expert e in pairs, offsets[E] = T*k
 experts_swiglu
@@ -54,13 +65,39 @@ def route(probs: Tensor, num_groups: int, top_k: int) -> tuple[Tensor, Tensor]:
 
 
 def routing_weights(probs: Tensor, ids: Tensor, renormalize: bool, dtype: torch.dtype,
-                    routed_scaling: float = 1.0) -> Tensor:
-    values = probs.gather(1, ids)
+                    routed_scaling: float = 1.0, renorm_eps: float = 0.0, renorm_min: float = 0.0,
+                    expert_scale: Tensor | None = None) -> Tensor:
+    """The weights [T, k] of the picks `ids` from the scores `probs` [T, E] (see the module docstring)."""
+    return picked_weights(probs.gather(1, ids), ids, renormalize, dtype, routed_scaling, renorm_eps, renorm_min,
+                          expert_scale)
+
+
+def picked_weights(values: Tensor, ids: Tensor, renormalize: bool, dtype: torch.dtype, routed_scaling: float = 1.0,
+                   renorm_eps: float = 0.0, renorm_min: float = 0.0, expert_scale: Tensor | None = None) -> Tensor:
+    """The weights [T, k] from the scores of the picks `values` [T, k] (fp32)."""
     if renormalize:
-        values = values / values.sum(dim=-1, keepdim=True)
+        total = values.sum(dim=-1, keepdim=True)
+        if renorm_eps != 0.0:
+            total = total + renorm_eps
+        if renorm_min != 0.0:
+            total = total.clamp(min=renorm_min)
+        values = values / total
     if routed_scaling != 1.0:
         values = values * routed_scaling
+    if expert_scale is not None:
+        values = values * expert_scale.float()[ids]
     return values.to(dtype)
+
+
+def limit_groups(select: Tensor, n_group: int, topk_group: int, fill_zero: bool = False) -> Tensor:
+    """`select` [T, E] with the experts outside the topk_group best of n_group groups set to -inf (0 with
+    fill_zero); a group scores the sum of its top-2 values (see the module docstring)."""
+    T, E = select.shape
+    group_scores = select.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, n_group]
+    best = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    kept = torch.zeros_like(group_scores).scatter_(1, best, 1.0).bool()
+    kept = kept.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    return select.masked_fill(~kept, 0.0 if fill_zero else float("-inf"))
 
 
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -99,12 +136,23 @@ def group_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
 def sum_route_dispatch(residual: Tensor, partials: Tensor, norm_weight: Tensor, eps: float, router_weight: Tensor,
                        num_groups: int, top_k: int, renormalize: bool, scoring: str = "softmax",
                        router_bias: Tensor | None = None, correction_bias: Tensor | None = None,
-                       routed_scaling: float = 1.0):
+                       routed_scaling: float = 1.0, n_group: int = 1, topk_group: int = 1, group_fill_zero: bool = False,
+                       expert_scale: Tensor | None = None, renorm_eps: float = 0.0, renorm_min: float = 0.0,
+                       topk_first: bool = False):
     r = (residual + partials).mean(0)
     xn = rms_norm(r, norm_weight, eps)
-    scores = router_scores(F.linear(xn, router_weight, router_bias), scoring)
-    _, ids = route(selection_scores(scores, correction_bias), num_groups, top_k)
-    weights = routing_weights(scores, ids, renormalize, xn.dtype, routed_scaling)
+    logits = F.linear(xn, router_weight, router_bias)
+    if topk_first:
+        _, ids = route(logits.float(), num_groups, top_k)
+        values = router_scores(logits.float().gather(1, ids), scoring)
+    else:
+        scores = router_scores(logits, scoring)
+        select = selection_scores(scores, correction_bias)
+        if n_group > 1:
+            select = limit_groups(select, n_group, topk_group, group_fill_zero)
+        _, ids = route(select, num_groups, top_k)
+        values = scores.gather(1, ids)
+    weights = picked_weights(values, ids, renormalize, xn.dtype, routed_scaling, renorm_eps, renorm_min, expert_scale)
     pairs, offsets = group_by_expert(ids, router_weight.shape[0])
     return r, xn, ids, weights, pairs, offsets
 

@@ -1,7 +1,8 @@
 """find_moe_blocks: locate MoE blocks in a pre-dispatch ATen graph (records, never rewrites).
 
-Anchor: aten.topk of a router (moe_router.py: a linear scored by softmax before the top-k or
-over the k picked logits after it is fused; other routers stay in the graph as written). From
+Anchor: aten.topk of a router (moe_router.py: a linear scored by softmax, sigmoid or
+sqrt(softplus) before the top-k, with an optional correction bias and group limit, or scored
+over the k picked logits after it, is fused; other routers stay in the graph as written). From
 there, one of the expert implementations of expert_forms.py must follow (transformers v5
 grouped GEMMs, per-expert selection loops, per-expert dense mask loops), sort + split
 (sort_split.py) or the dense form of dense_experts.py (every expert on every token, the routing

@@ -4,11 +4,13 @@ by expert -> one foe::sum_route_dispatch.
 Matches, for every MoE block found by find_moe_blocks:
     x  = residual + o                   (o: attention output, or its per-group partials mean)
     xn = RMSNorm(x) * w                 (aten.rms_norm, or the Hugging Face fp32 decomposition)
-    ids, weights = topk(score(linear(xn, W_router) [+ b]) [+ correction], k) [renormalised] [* scale]
+    ids, weights = topk(group_limit(score(linear(xn, W_router) [+ b]) [+ correction]), k) [renormalised
+                   (+ eps)] [* scale] [* expert_scale[ids]], or the score of topk(logits)
                                         (score: softmax, sigmoid or sqrt(softplus); moe_router.py)
 and rewrites it to one op. With quota_groups=1 (the exact form) routing is the source's global
-top-k and values are preserved up to summation order; with quota_groups=H (the FoE form only)
-each of H blocks of E/H experts picks its k/H. Bails out (no rewrite) when the block's input is
+top-k (group-limited where the source's is) and values are preserved up to summation order; with
+quota_groups=H (the FoE form only) each of H blocks of E/H experts picks its k/H: the quota
+replaces a source's group limit (n_group=1 is passed; reference.py's docstring). Bails out (no rewrite) when the block's input is
 not such a norm of such a sum, except in the FoE form, where quota routing is part of what
 was asked for and a block it cannot fuse is an error. The fused node is recorded for
 lower_experts (pairs, offsets).
@@ -24,6 +26,7 @@ from ..kernels import ops  # noqa: F401  registers torch.ops.foe
 from .infra import (PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args, skip_pass_through,
                     val)
 from .matches import MOE_KEY, PARTIALS_KEY, MoEMatch
+from .moe_router import DEFAULT_VARIANT
 
 CASTS = (aten.to.dtype, aten._to_copy.default)
 
@@ -93,9 +96,10 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
     residual, o = (x.args[1], x.args[0]) if x.args[0] in partials_of else x.args
     g, d = gm.graph, val(x).shape[-1]
     anchor = x.next
-    variant = m.routing or {"scoring": "softmax", "router_bias": None, "correction_bias": None, "routed_scaling": 1.0}
-    _hoist([weight, m.router_weight] + [b for b in (variant["router_bias"], variant["correction_bias"]) if b is not None],
-           before=anchor)
+    variant = {**DEFAULT_VARIANT, **(m.routing or {})}
+    if quota_groups > 1:  # the FoE form: each group's quota of k/H picks replaces a group limit
+        variant.update(n_group=1, topk_group=1, group_fill_zero=False)
+    _hoist([weight, m.router_weight] + [v for v in variant.values() if isinstance(v, fx.Node)], before=anchor)
     with g.inserting_before(anchor):
         res = g.call_function(aten.reshape.default, (residual, [1, -1, d]))
         if o in partials_of:
@@ -105,8 +109,7 @@ def _fuse(gm: fx.GraphModule, m: MoEMatch, quota_groups: int) -> bool:
             parts = g.call_function(aten.reshape.default, (o, [1, -1, d]))
         fused = g.call_function(torch.ops.foe.sum_route_dispatch.default,  # every schema argument, by position
                                 (res, parts, weight, eps, m.router_weight, quota_groups, m.top_k, m.renormalize,
-                                 variant["scoring"], variant["router_bias"], variant["correction_bias"],
-                                 variant["routed_scaling"]))
+                                 *(variant[key] for key in DEFAULT_VARIANT)))
         r, xn, ids, weights = (g.call_function(operator.getitem, (fused, i)) for i in range(4))
         r = g.call_function(aten.reshape.default, (r, shape_args(g, val(x).shape)))
         xn = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (

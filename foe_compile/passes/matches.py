@@ -51,7 +51,7 @@ class MoEMatch:
     # grouped top-k...): the routing then stays in the graph as written and only the experts are
     # lowered (exact form); the FoE form, which needs quota routing in the fused op, is refused.
     graph_routing: str | None = None
-    # The fused op's routing variant (scoring, router_bias, correction_bias, routed_scaling: moe_router.py)
+    # The fused op's routing variant (moe_router.DEFAULT_VARIANT's keys: scoring, biases, group limit, weight variants)
     routing: dict = field(default_factory=dict)
 
     @property

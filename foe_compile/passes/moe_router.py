@@ -7,16 +7,22 @@ dim; PhiMoE's sparsemixer masks each pick's neighbourhood and picks again). The 
 always stays in the graph as written; only its experts are lowered."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import fx
 
+from .group_limit import match_group_limit
 from .infra import PASS_THROUGH, ancestors, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
 
 # torch.export records a `with torch.no_grad():` region as this higher-order op over a submodule.
 _GRAD_REGION = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 _CAT = (aten.cat.default, aten.concat.default)
+# foe::sum_route_dispatch's router-variant arguments in schema order (ops.ROUTE_SCHEMA), with their defaults.
+DEFAULT_VARIANT = {"scoring": "softmax", "router_bias": None, "correction_bias": None, "routed_scaling": 1.0,
+                   "n_group": 1, "topk_group": 1, "group_fill_zero": False, "expert_scale": None, "renorm_eps": 0.0,
+                   "renorm_min": 0.0, "topk_first": False}
 
 
 def is_last_dim(node: fx.Node, dim) -> bool:
@@ -27,10 +33,11 @@ def match_router(topk: fx.Node):
     """(topk, linear, ids, weights, variant, renormalize, None) for a router foe::sum_route_dispatch
     computes exactly; a reason (str) for a router it cannot; None when `topk` is not a router's.
 
-    Exact: topk(score(linear(x) [+ b]) [+ correction]) with score softmax, sigmoid or sqrt(softplus),
-    weights the scores at the picks [/ their sum] [* a constant]; and softmax(topk(linear(x))) (Mixtral's
-    spelling: a softmax over the k picked logits is the renormalised softmax). `variant` holds the
-    op's scoring, router_bias, correction_bias and routed_scaling arguments.
+    Exact: topk(group_limit(score(linear(x) [+ b]) [+ correction])) with score softmax, sigmoid or
+    sqrt(softplus) and DeepSeek-V3's optional group limit (group_limit.py), weights the scores at the picks
+    [/ (their sum [+ eps] | clamp(their sum, min))] [* a constant] [* expert_scale[ids]]; and
+    score(topk(linear(x)).values) with score softmax or sigmoid (top-k on the logits: the op's
+    topk_first). `variant` holds the op's router-variant arguments (DEFAULT_VARIANT's keys).
 
     `topk` may also be the expert ids of a router picking by successive argmax (is_pick_router):
     then (ids, None, ids, None, None, False, reason): the routing stays in the graph."""
@@ -49,10 +56,18 @@ def match_router(topk: fx.Node):
     outs = getitem_users(topk)
     if 1 not in outs:
         return None
+    limit = match_group_limit(source)
+    if isinstance(limit, str):
+        return limit
+    group = {}
+    if limit is not None:
+        source, group = skip_pass_through(limit[0]), limit[1]
     correction, scores = _correction(source)
     scored = _scoring(scores)
-    if scored is not None and (scored[0] != "softmax" or correction is not None):
-        return _variant_router(topk, outs, scores, *scored, correction, dim, largest)
+    if scored is not None and (scored[0] != "softmax" or correction is not None or group):
+        return _variant_router(topk, outs, scores, *scored, correction, dim, largest, group)
+    if group:
+        return f"group-limited top-k over {_name(scores)} scores (foe::sum_route_dispatch scores a linear)"
     if is_op(source, aten.softmax.int, aten._softmax.default):
         linear, order = skip_pass_through(source.args[0]), "softmax_topk"
         if not is_last_dim(source, source.args[1]):
@@ -65,27 +80,43 @@ def match_router(topk: fx.Node):
         return None
     if not is_last_dim(topk.args[0], dim) or largest is False:
         return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
-    variant = {"scoring": "softmax", "router_bias": _bias(linear), "correction_bias": None, "routed_scaling": 1.0}
+    variant = {**DEFAULT_VARIANT, "router_bias": _bias(linear)}
     if order == "softmax_topk":
         why = _precision(source, linear)
         if why:
             return why
         if 0 not in outs:
             return None
-        weights, renormalize = _routing_weights(outs[0])
-        return topk, linear, outs[1], *_scaled(weights, variant), renormalize, None
-    picked = outs[0].users if 0 in outs else []
-    softmaxes = [u for u in picked if is_op(u, aten.softmax.int, aten._softmax.default)]
-    if len(softmaxes) != 1 or not is_last_dim(softmaxes[0], softmaxes[0].args[1]):
+        weights, renormalize, renorm = _routing_weights(outs[0])
+        return topk, linear, outs[1], *_scaled(weights, {**variant, **renorm}, outs[1], linear), renormalize, None
+    return _topk_first_router(topk, outs, linear, variant)
+
+
+def _topk_first_router(topk, outs, linear, variant):
+    """Top-k on the logits, weights = the score of the k picked logits: softmax over the picks (Mixtral's
+    spelling) or sigmoid of each, computed in float32 (the op's topk_first)."""
+    picked = list(outs[0].users) if 0 in outs else []
+    picked += [u for cast in picked if is_op(cast, aten.to.dtype, aten._to_copy.default) for u in cast.users]
+    scored = [u for u in picked if (is_op(u, aten.softmax.int, aten._softmax.default) and is_last_dim(u, u.args[1]))
+              or is_op(u, aten.sigmoid.default)]
+    if len(scored) != 1:
         if any(is_op(u, aten.scatter.src, aten.scatter_.src) for u in picked):
             return (f"router {linear.name}: top-k on logits, the picked logits scattered into a [T, E] matrix and "
                     "scored there (Llama 4: -inf fill, sigmoid); foe::sum_route_dispatch scores before the top-k or "
-                    "softmaxes the picks")
-        return f"router {linear.name}: top-k on logits without a softmax over the picks (fused op needs softmax)"
-    weights = softmaxes[0]
-    while (nxt := only_user(weights)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default, aten.type_as.default):
-        weights = nxt
-    return topk, linear, outs[1], *_scaled(weights, variant), True, None
+                    "scores the picks")
+        return (f"router {linear.name}: top-k on logits without a softmax over the picks or a sigmoid of each "
+                "(foe::sum_route_dispatch's topk_first)")
+    why = _precision(scored[0], linear)
+    if why:
+        return why
+    variant = {**variant, "scoring": "sigmoid" if is_op(scored[0], aten.sigmoid.default) else "softmax",
+               "topk_first": True}
+    weights, renormalize, renorm = _routing_weights(scored[0])
+    return topk, linear, outs[1], *_scaled(weights, {**variant, **renorm}, outs[1], linear), renormalize, None
+
+
+def _name(node: fx.Node) -> str:
+    return node.target.__name__ if hasattr(node.target, "__name__") else str(node.target)
 
 
 def _precision(scores: fx.Node, linear: fx.Node) -> str | None:
@@ -134,39 +165,65 @@ def _scoring(scores: fx.Node) -> tuple[str, fx.Node] | None:
     return (kind, linear) if is_op(linear, aten.linear.default) else None
 
 
-def _variant_router(topk, outs, scores, scoring, linear, correction, dim, largest):
-    """A router with sigmoid / sqrt-softplus scoring or a selection-only correction bias: the weights
-    are the scores at the picks (the top-k values when nothing corrects them), optionally
-    renormalised and scaled by a constant."""
+def _variant_router(topk, outs, scores, scoring, linear, correction, dim, largest, group):
+    """A router with sigmoid / sqrt-softplus scoring, a selection-only correction bias or a group limit:
+    the weights are the scores at the picks (the top-k values when nothing corrects or masks them),
+    optionally renormalised (with an eps) and scaled by a constant and per expert."""
     if not is_last_dim(topk.args[0], dim) or largest is False:
         return f"router top-k with dim={dim}, largest={largest} (foe::sum_route_dispatch picks the largest over experts)"
     why = _precision(scores, linear)
     if why:
         return why
-    if correction is None:
+    if correction is None and not group:
         if 0 not in outs:
             return None
         picked = outs[0]
     else:
         gathers = [u for u in users(scores, aten.gather.default) if u.args[2] is outs[1] and is_last_dim(u, u.args[1])]
         if len(gathers) != 1:
-            return (f"router {linear.name}: top-k on bias-corrected scores whose weights are not the scores at the "
-                    "picks (foe::sum_route_dispatch weights the picks by their uncorrected scores)")
-        picked = gathers[0]
-    weights, renormalize = _routing_weights(picked)
-    variant = {"scoring": scoring, "router_bias": _bias(linear), "correction_bias": correction, "routed_scaling": 1.0}
-    return topk, linear, outs[1], *_scaled(weights, variant), renormalize, None
+            return (f"router {linear.name}: top-k on bias-corrected or group-masked scores whose weights are not the "
+                    "scores at the picks (foe::sum_route_dispatch weights the picks by their unmasked, uncorrected "
+                    "scores)")
+        picked = _skip_casts(gathers[0])  # LFM2 casts the gathered scores back with type_as
+    weights, renormalize, renorm = _routing_weights(picked)
+    variant = {**DEFAULT_VARIANT, "scoring": scoring, "router_bias": _bias(linear), "correction_bias": correction,
+               **group, **renorm}
+    return topk, linear, outs[1], *_scaled(weights, variant, outs[1], linear), renormalize, None
 
 
-def _scaled(weights: fx.Node, variant: dict) -> tuple[fx.Node, dict]:
-    """(weights, variant) after an optional multiplication by a constant (a routed scaling factor)."""
+def _scaled(weights: fx.Node, variant: dict, ids: fx.Node, linear: fx.Node) -> tuple[fx.Node, dict]:
+    """(weights, variant) after an optional multiplication by a constant (a routed scaling factor), then an
+    optional one by a stored per-expert scale at the picks (Gemma 4's per_expert_scale[ids], in the router's
+    dtype or float32), in that order (the op's)."""
     nxt = only_user(weights)
     if is_op(nxt, aten.mul.Tensor) and any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in nxt.args):
         factor = next(a for a in nxt.args if isinstance(a, (int, float)))
-        weights, variant = nxt, {**variant, "routed_scaling": float(factor)}
-        while (cast := only_user(weights)) is not None and is_op(cast, aten.to.dtype, aten._to_copy.default):
-            weights = cast
+        weights, variant = _skip_casts(nxt), {**variant, "routed_scaling": float(factor)}
+    nxt = only_user(weights)
+    if is_op(nxt, aten.mul.Tensor) and val(nxt).dtype == val(weights).dtype:
+        other = nxt.args[1] if nxt.args[0] is weights else nxt.args[0]
+        scale = _expert_scale(other, ids, val(linear.args[1]).dtype)
+        if scale is not None:
+            weights, variant = _skip_casts(nxt), {**variant, "expert_scale": scale}
     return weights, variant
+
+
+def _skip_casts(node: fx.Node) -> fx.Node:
+    while (cast := only_user(node)) is not None and is_op(cast, aten.to.dtype, aten._to_copy.default,
+                                                          aten.type_as.default):
+        node = cast
+    return node
+
+
+def _expert_scale(node, ids: fx.Node, router_dtype) -> fx.Node | None:
+    """The stored [E] scale when `node` is scale[ids] (aten.index by the router's expert ids), else None."""
+    if not is_op(node, aten.index.Tensor) or len(node.args[1]) != 1 or node.args[1][0] is not ids:
+        return None
+    scale = node.args[0]
+    if scale.op not in ("get_attr", "placeholder") or val(scale).dim() != 1 or \
+            val(scale).dtype not in (router_dtype, torch.float32):
+        return None
+    return scale
 
 
 def _other_router(scores: fx.Node) -> str | None:
@@ -178,20 +235,36 @@ def _other_router(scores: fx.Node) -> str | None:
             "the block is left as written")
 
 
-def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool]:
-    """Follow top-k values (scores, never negative) through an optional renormalisation and casts:
-    v / v.sum(-1), or v / torch.norm(v, p=1, dim=-1) (DBRX's; the same sum for values >= 0)."""
-    node, renormalize = values, False
+def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool, dict]:
+    """Follow top-k values (scores, never negative) through an optional renormalisation (v / v.sum(-1),
+    v / (v.sum(-1) + eps), v / v.sum(-1).clamp(min=m), or DBRX's v / torch.norm(v, p=1, dim=-1): the
+    same sum for values >= 0) and casts: (weights, renormalize, {renorm_eps or renorm_min})."""
+    node, renormalize, renorm = values, False, {}
     sums = users(values, aten.sum.dim_IntList) + [n for n in users(values, aten.linalg_vector_norm.default)
                                                   if n.args[1] == 1 and (n.args[3] if len(n.args) > 3 else False)]
     if len(sums) == 1 and list(sums[0].args[1 + is_op(sums[0], aten.linalg_vector_norm.default)]) in (
             [-1], [val(values).dim() - 1]):
-        divs = [u for u in users(values, aten.div.Tensor, aten.div_.Tensor) if u.args[1] is sums[0]]
+        total, eps = _renorm_denominator(sums[0])
+        divs = [u for u in users(values, aten.div.Tensor, aten.div_.Tensor) if u.args[1] is total]
         if len(divs) == 1:
-            node, renormalize = divs[0], True
-    while (nxt := only_user(node)) is not None and is_op(nxt, aten.to.dtype, aten._to_copy.default):
-        node = nxt
-    return node, renormalize
+            node, renormalize, renorm = divs[0], True, eps
+    return _skip_casts(node), renormalize, renorm
+
+
+def _renorm_denominator(total: fx.Node) -> tuple[fx.Node, dict]:
+    """(denominator, variant) for a renormalising sum: itself, sum + eps (DeepSeek-V3 lineage, LFM2) or
+    sum.clamp(min=m) (Ernie 4.5), with a constant finite eps / m >= 0."""
+    nxt = only_user(total)
+    if is_op(nxt, aten.add.Tensor) and nxt.args[0] is total and _nonnegative(nxt.args[1]):
+        return nxt, {"renorm_eps": float(nxt.args[1])}
+    if is_op(nxt, aten.clamp.default, aten.clamp_min.default) and nxt.args[0] is total and len(nxt.args) == 2 and \
+            not nxt.kwargs.get("max") and _nonnegative(nxt.args[1]):
+        return nxt, {"renorm_min": float(nxt.args[1])}
+    return total, {}
+
+
+def _nonnegative(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def routing_size(anchor: fx.Node) -> tuple[int, int]:

@@ -458,7 +458,8 @@ class CorrectedSigmoid(WhereIndexAdd):
 
 
 class GroupLimited(WhereIndexAdd):
-    """Group-limited top-k (DeepSeek-V2's greedy groups): only experts of the best half compete."""
+    """Group-limited top-k (DeepSeek-V2's greedy groups, scored by their maximum): only experts of the best
+    half compete."""
 
     def route(self, x):
         scores = F.softmax(self.router(x), dim=-1)
@@ -469,16 +470,58 @@ class GroupLimited(WhereIndexAdd):
         return weights, ids
 
 
+class GroupLimitedTop2(WhereIndexAdd):
+    """DeepSeek-V3's group limit: 2 groups scored by the sum of their top-2 corrected sigmoid scores, the
+    best kept, the others masked to -inf; weights the uncorrected scores / (their sum + 1e-20) * 2.5."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.correction = nn.Parameter(torch.randn(num_experts) * 0.1)
+
+    def route(self, x):
+        scores = torch.sigmoid(self.router(x).float())
+        select = scores + self.correction
+        group_scores = select.view(-1, 2, self.num_experts // 2).topk(2, dim=-1)[0].sum(dim=-1)
+        best = torch.topk(group_scores, k=1, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, best, 1)
+        mask = mask.unsqueeze(-1).expand(-1, 2, self.num_experts // 2).reshape(-1, self.num_experts)
+        ids = torch.topk(select.masked_fill(~mask.bool(), float("-inf")), k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * 2.5, ids
+
+
+class ExpertScaled(WhereIndexAdd):
+    """Gemma 4's per-expert output scale after the renormalisation, here with Ernie 4.5's clamped sum."""
+
+    def __init__(self, d, inner, num_experts, top_k):
+        super().__init__(d, inner, num_experts, top_k)
+        self.per_expert_scale = nn.Parameter(torch.rand(num_experts) + 0.5)
+
+    def route(self, x):
+        weights, ids = torch.topk(F.softmax(self.router(x), dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=1e-12)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class SigmoidOfTopLogits(WhereIndexAdd):
+    """Top-k on the logits, each pick weighted by its sigmoid (Llama 4's scores)."""
+
+    def route(self, x):
+        logits, ids = torch.topk(self.router(x), self.top_k, dim=-1)
+        return torch.sigmoid(logits.float()), ids
+
+
 # Routing variants foe::sum_route_dispatch computes (scoring, router bias, correction bias, routed
-# scaling): fused, in both forms.
-FUSED_VARIANTS = [SigmoidRouter, BiasedRouter, ScaledCombine, CorrectedSigmoid]
+# scaling, group limit, renormalisation eps, per-expert scale, top-k on the logits): fused, in both forms.
+FUSED_VARIANTS = [SigmoidRouter, BiasedRouter, ScaledCombine, CorrectedSigmoid, GroupLimitedTop2, ExpertScaled,
+                  SigmoidOfTopLogits]
 
 # Routing foe::sum_route_dispatch does not compute: the routing stays as written and only the
 # experts are lowered (exact form); the FoE form, which needs quota routing in the fused op, refuses.
 # (class, a fragment of the reason the report gives)
 GRAPH_ROUTED = [
     (SmallestTopk, "largest=False"),
-    (GroupLimited, "masked_fill"),
+    (GroupLimited, "not DeepSeek-V3's group limit"),
     (DenseWeightedInput, "top-k on logits"),  # Llama 4's routing; dense experts weighting their input
 ]
 

@@ -72,12 +72,14 @@ def test_onnx_of_a_graph_routed_block(tmp_path):
 
 @torch.no_grad()
 @pytest.mark.parametrize("unit", ["GeluGated", "BiasedExperts", "Relu2Experts", "ClampedGLUExperts", "CorrectedSigmoid",
-                                  "BiasedRouter", "DenseWeightedInput"])
+                                  "BiasedRouter", "GroupLimitedTop2", "ExpertScaled", "SigmoidOfTopLogits",
+                                  "DenseWeightedInput"])
 def test_onnx_of_every_expert_unit(tmp_path, unit):
     """The ONNX lowering of foe::experts_swiglu spells out each unit (GELU erf, biases, ReLU², the
     clamped GLU with alpha, limit and up offset, gate/up reordered from interleaved columns, the routing
     weight on the input of Llama 4's dense experts, whose routing stays in the graph), and
-    that of foe::sum_route_dispatch each routing variant (sigmoid + correction bias + scaling, router bias)."""
+    that of foe::sum_route_dispatch each routing variant (sigmoid + correction bias + scaling, router bias,
+    group limit + renormalisation eps, clamped renormalisation + per-expert scale, sigmoid of the top logits)."""
     import handwritten_moes
 
     torch.manual_seed(0)

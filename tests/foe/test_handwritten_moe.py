@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import FUSED_VARIANTS, GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS
+from handwritten_moes import FUSED_VARIANTS, GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS, GroupLimitedTop2
 from user_models import UserMoETransformer
 
 from foe_compile import convert
@@ -78,6 +78,20 @@ def test_routing_variants_are_fused_in_both_forms(moe_cls):
         assert max_rel(converted(x), model(x)) <= EXACT_MAX_REL
     foe, report = convert(model, mode="foe", calibration_inputs=ids)
     assert report.num_groups == 2 and not report.exact and foe(tokens(1, 5)).shape == (1, 5, VOCAB)
+
+
+@torch.no_grad()
+def test_the_foe_form_replaces_a_group_limit_by_the_quota():
+    """Exact form: the fused op computes the source's group limit (n_group = 2, topk_group = 1); FoE form:
+    the quota replaces it (n_group = 1 in the op) and every MoE layer's report says so."""
+    model = model_with(GroupLimitedTop2)
+    ids = tokens(2, 7)
+    for mode, n_group in (("exact", 2), ("foe", 1)):
+        converted, report = convert(model, mode=mode, calibration_inputs=ids)
+        routes = [n for n in converted.graph.nodes if "sum_route_dispatch" in str(n.target)]
+        assert len(routes) == 2 and all(n.args[12] == n_group for n in routes)
+        replaced = ["group limit replaced by the quota" in " ".join(layer.reasons) for layer in report.layers]
+        assert replaced == [mode == "foe"] * 2, report.to_table()
 
 
 @torch.no_grad()

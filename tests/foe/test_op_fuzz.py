@@ -247,6 +247,44 @@ def test_route_nan_row_leaves_other_rows_alone(backend, device, c, bad):
     assert bool(got[3][t].isnan().all()) and bool(got[1][t].isnan().all())
 
 
+@st.composite
+def route_variants(draw, E: int, dtype: torch.dtype):
+    """The router-variant arguments (ops.ROUTE_SCHEMA) for E experts and H = 1: any scoring, correction bias,
+    group limit (groups of >= 2, -inf or 0 fill), renormalisation eps / min, per-expert scale, topk_first."""
+    scoring = draw(st.sampled_from(reference.SCORINGS))
+    topk_first = draw(st.booleans())
+    groups = [n for n in range(2, E // 2 + 1) if E % n == 0]
+    n_group = 1 if topk_first or not groups else draw(st.sampled_from([1] + groups))
+    g = torch.Generator().manual_seed(E)
+    correction = None if topk_first or not draw(st.booleans()) else (0.2 * torch.randn(E, generator=g)).to(dtype)
+    scale = (torch.rand(E, generator=g) + 0.5).to(dtype) if draw(st.booleans()) else None
+    return (scoring, None, correction, draw(st.sampled_from([1.0, 2.5])), n_group,
+            draw(st.integers(1, n_group)), draw(st.booleans()), scale, draw(st.sampled_from([0.0, 1e-20, 1e-6])),
+            draw(st.sampled_from([0.0, 1e-12])), topk_first)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in implementations("sum_route_dispatch") if p.values[1] == "cpu"])
+@fuzz_settings(150)
+@given(c=route_cases(), data=st.data())
+def test_route_variants_match_reference(backend, device, c, data):
+    """The group-limit and weight variants (H = 1, as the group limit needs): structure always; where the kernel's
+    xn row equals the reference's bit for bit, the same ids (the selection is the reference's own ATen calls, or
+    the softmax whose near-ties check_ids allows) and close weights; NaN weights exactly where the reference's."""
+    c = dict(c, H=1, k=min(c["k"], c["E"]), residual_groups=1)
+    args = route_args(c, device)
+    var = data.draw(route_variants(c["E"], c["dtype"]))
+    got = run("sum_route_dispatch", backend, *args, *var)
+    want = reference.sum_route_dispatch(*args, *var)
+    check_structure(got[2], got[4], got[5], c["E"], c["k"], 1)
+    rtol, atol = ROUTE_TOL[c["dtype"]]
+    torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=atol, equal_nan=True)
+    same_xn = ((got[1] == want[1]) | (got[1].isnan() & want[1].isnan())).all(dim=1)
+    aten_selected = var[0] != "softmax" or var[2] is not None or var[4] > 1 or var[10]
+    rows = same_xn & (got[2] == want[2]).all(dim=1) if not aten_selected else same_xn
+    assert torch.equal(got[2][rows], want[2][rows])
+    torch.testing.assert_close(got[3][rows], want[3][rows], rtol=rtol, atol=atol, equal_nan=True)
+
+
 # ---- experts_swiglu ------------------------------------------------------------------------------------
 
 @st.composite

@@ -198,8 +198,12 @@ def test_route_features():
     assert dispatch.route_features() == frozenset()
     assert dispatch.route_features("sigmoid", None, torch.zeros(3), 2.5) == {"sigmoid", "correction_bias", "scaling"}
     assert dispatch.route_features("softmax", torch.zeros(3)) == {"router_bias"}
+    assert dispatch.route_features("sigmoid", None, torch.zeros(3), 1.0, 4, 2, False, torch.ones(3), 1e-20) == {
+        "sigmoid", "correction_bias", "group_limit", "expert_scale", "renorm_eps"}
+    assert dispatch.route_features("softmax", renorm_min=1e-12, topk_first=True) == {"renorm_eps", "topk_first"}
     assert dispatch.FEATURES["sum_route_dispatch"] == {"sigmoid", "sqrtsoftplus", "router_bias", "correction_bias",
-                                                       "scaling"}
+                                                       "scaling", "group_limit", "expert_scale", "renorm_eps",
+                                                       "topk_first"}
 
 
 @needs_native
