@@ -2,13 +2,14 @@
 
 After an MoE block whose experts were lowered with H groups (partials m_h, block output
 y = sum_h m_h), the source's next attention reads Norm1(r + y). In the FoE form group h's
-attention reads its own stream, Norm1(r + c*m_h) (DESIGN.md; c = H unless `attn_stream_scale`).
-This pass clones, per group, every node on a path from y to that attention's o_proj input,
-with y replaced by c*m_h, and points group h's head slice (from partition_groups) at its
-clone. Split dense MLPs and shared experts (split_dense_mlps) contribute their shares the
-same way, so a shared expert's share joins m_h, as in the module-level conversion. The
-residual side needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h, which is what
-the fused op already computes from the shared residual and the partials.
+attention reads its own stream, Norm1(r + c*m_h) (models/group_streams.py, the equations every
+form computes from; c = H unless `attn_stream_scale`). This pass clones, per group, every node
+on a path from y to that attention's o_proj input, with y replaced by a call of group_streams'
+attention_share(m_h, c), and points group h's head slice (from partition_groups) at its clone.
+Split dense MLPs and shared experts (split_dense_mlps) contribute their shares the same way,
+so a shared expert's share joins m_h, as in the module-level conversion. The residual side
+needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h, which is what the fused op
+already computes from the shared residual and the partials.
 
 Each clone projects all heads and keeps group h's (redundant full-width projections). An
 RMSNorm over a whole q or k projection (OLMoE's q/k norm) reads, in every clone, each group's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..models.group_streams import attention_share
 from .fuse_sum_route_dispatch import match_rms_norm
 from .infra import (PASS_THROUGH, PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args,
                     skip_pass_through, val)
@@ -159,7 +161,7 @@ def _gather_own_heads(g: fx.Graph, per_group: list[fx.Node]) -> fx.Node:
 
 def _scaled_partial(g: fx.Graph, source, h: int, c: float) -> fx.Node:
     y = val(source.output)
-    m_h = g.call_function(aten.mul.Tensor, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
+    m_h = g.call_function(attention_share, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
     shape = shape_args(g, y.shape)
     out = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (m_h, shape)), y.dtype))
     out.meta["val"] = y

@@ -17,6 +17,7 @@ from foe_compile.config import FoEConfig
 from foe_compile.generic import convert_generic
 from foe_compile.kernels.reference import route as quota_top_k
 from foe_compile.passes import run_passes
+from foe_compile.passes.expert_unit import GATE_ACTIVATIONS
 from foe_compile.passes.infra import cleanup
 from foe_compile.passes.matches import DENSE_KEY
 from foe_compile.passes.partition_groups import GROUPS_KEY
@@ -261,9 +262,24 @@ class BiasedSwiGLU(SwiGLU):
         self.w2 = torch.nn.Linear(inner, d, bias=True)
 
 
+class GatedMLP(SwiGLU):
+    """w2(act(w1 x) * w3 x) with another gate activation."""
+
+    def __init__(self, d: int, inner: int, act) -> None:
+        super().__init__(d, inner)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("mlp, groups, splits", [
     (SwiGLU(32, 24), 4, 1),
+    (GatedMLP(32, 24, F.gelu), 4, 1),  # each share keeps the source's activation
+    (GatedMLP(32, 24, lambda x: F.gelu(x, approximate="tanh")), 4, 1),
+    (GatedMLP(32, 24, F.relu), 4, 1),
+    (GatedMLP(32, 24, torch.tanh), 4, 0),  # not a gate activation split_dense_mlps knows
     (SwiGLU(32, 24), 1, 0),  # one group: nothing to split
     (SwiGLU(32, 18), 4, 0),  # 18 units do not split in 4
     (BiasedSwiGLU(32, 24), 4, 0),  # a bias would be added H times
@@ -276,6 +292,8 @@ def test_split_dense_mlps(mlp, groups, splits):
     cleanup(gm)
     assert result.rewrites == splits and len(gm.meta[DENSE_KEY]) == splits
     assert count(gm, "aten.linear") == (3 * groups if splits else 3) and count(gm, "aten.stack") == splits
+    if splits:  # one activation per share, the source's (its numerics checked below)
+        assert sum(n.op == "call_function" and n.target in GATE_ACTIVATIONS for n in gm.graph.nodes) == groups
     torch.testing.assert_close(gm(x), mlp(x), rtol=1e-6, atol=1e-6)
 
 
