@@ -101,14 +101,14 @@ def _check_region(region: set[fx.Node], outputs: list[fx.Node], blocks: list[fx.
     while changed:
         changed = False
         for node in region - stream:
-            inputs = [a for a in node.all_input_nodes if a in stream]
+            inputs = [a for a in _value_inputs(node) if a in stream]
             scaled = is_op(node, aten.mul.Tensor) and not any(a in region for a in node.all_input_nodes if a not in stream)
             linear = is_op(node, *LINEAR) or (scaled and len(inputs) == 1)  # e.g. a shared expert's gate
             if inputs and linear:
                 stream.add(node)
                 changed = True
     for node in region - stream:
-        for read in (a for a in node.all_input_nodes if a in stream):
+        for read in (a for a in _value_inputs(node) if a in stream):
             if not _feeds_residual(read, region, stream):
                 raise ValueError(
                     f"{node.name} applies a non-linear op to the MoE/MLP output {outputs[0].name} before it joins "
@@ -121,6 +121,13 @@ def _check_region(region: set[fx.Node], outputs: list[fx.Node], blocks: list[fx.
             f"attention values {escaping} are also used outside the attention (e.g. stored in a KV cache), but the "
             "FoE form gives every group its own stream and cache; compile with use_cache=False, or use the "
             "module-level convert(model, mode='foe'), whose layers keep per-group caches")
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values `node` computes with: of a view or cast only the first (type_as,
+    view_as and reshape_as take just a dtype or shape from the second, e.g. Gemma-style
+    RMSNorms' output.type_as(x) with x the stream)."""
+    return [node.args[0]] if is_op(node, *PASS_THROUGH) else node.all_input_nodes
 
 
 def _feeds_residual(node: fx.Node, region: set[fx.Node], stream: set[fx.Node]) -> bool:

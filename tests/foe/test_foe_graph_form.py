@@ -117,6 +117,33 @@ def test_attention_variants_equal_the_equations(variant):
     assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
 
 
+class TypeAsRMSNorm(torch.nn.Module):
+    """An RMSNorm scaled by 1 + w and cast back with output.type_as(x) (Gemma's and MiniMax-M3's)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+@torch.no_grad()
+def test_attention_norm_cast_back_with_type_as_equals_the_equations():
+    """type_as(out, x) reads only x's dtype: the stream x is not put through a non-linear op there
+    (before, such a norm was refused as a post-MLP norm, e.g. minimax_m3_vl_text's)."""
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=3).eval()
+    for block in model.blocks:
+        block.norm1 = TypeAsRMSNorm(32)
+    ids = tokens(2, 7, vocab=96)
+    gm, _ = convert(model, mode="foe", calibration_inputs=ids)
+    assert {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}["split_group_streams"] == 2
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
+
+
 @torch.no_grad()
 def test_explicit_assignment_equals_the_equations():
     torch.manual_seed(0)
