@@ -4,7 +4,7 @@ State between layers: the shared stream r_full [B, T, d] and m [n, B, T, d], gro
 expert output (plus its share of split dense MLPs and shared experts), for n of the H groups;
 group h's stream is r_full + H*m_h. One layer:
     streams_h = r_full + H*m_h                        group_streams: what group h adds to the mean
-    a_h       = H * Attn_h(Norm1(r_full + c*m_h))     attention_inputs (c = H: the stream itself)
+    a_h       = H * Attn_h(Norm1(r_full + c*m_h))     attention_inputs (c: attention_scale)
     r_full'   = mean_h(streams_h + a_h)               mean_over_groups: the one collective
     m'_h      = group h's quota-routed experts on Norm2(r_full')
 The first layer starts from the embedding broadcast to every group (m = 0); after the last the
@@ -18,7 +18,9 @@ Who computes from these functions:
                                (= mean_h(r + H*m_h), what the fused route op's mean needs) and emits
                                attention_share in place of the block output on group h's path to
                                its attention, so that attention reads r + c*m_h
+  convert.py, build.py, generic.py  attention_scale: c's default and range, for layers and reports
 ONNX and AOTInductor export trace the converted model, so they compute what these forms compute.
+The exact form (one shared stream, two all-reduces) is not FoE's and is not defined here.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ AllReduceSum = Callable[[Tensor], Tensor]  # a rank's partial sum -> the sum ove
 def broadcast(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """The state before the first layer: every group's stream is the embedding x [B, T, d] (m = 0)."""
     return x, x.new_zeros(num_groups, *x.shape)
+
+
+def attention_scale(attn_stream_scale: float | None, H: int) -> float:
+    """c: FoEConfig.attn_stream_scale, or H (the paper's stream) when None; ValueError outside [1, H]."""
+    c = float(H if attn_stream_scale is None else attn_stream_scale)
+    if not 1 <= c <= H:
+        raise ValueError(f"attn_stream_scale must lie in [1, H={H}], got {attn_stream_scale}")
+    return c
 
 
 def group_streams(r_full: Tensor, m: Tensor, H: int) -> Tensor:

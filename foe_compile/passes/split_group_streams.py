@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..models.group_streams import attention_share
+from ..models.group_streams import attention_scale, attention_share
 from .fuse_sum_route_dispatch import match_rms_norm
 from .infra import (PASS_THROUGH, PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args,
                     skip_pass_through, val)
@@ -41,9 +41,7 @@ def split_group_streams(gm: fx.GraphModule, attn_stream_scale: float | None = No
     attentions = [a for a in gm.meta.get(ATTENTION_KEY, []) if a.group_heads]
     if H == 1 or not contributors or not attentions:
         return PassResult("split_group_streams", 0)
-    c = H if attn_stream_scale is None else attn_stream_scale
-    if not 1 <= c <= H:
-        raise ValueError(f"attn_stream_scale must lie in [1, H={H}], got {c}")
+    c = attention_scale(attn_stream_scale, H)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     feeding: dict[int, tuple[AttentionMatch, list]] = {}  # the next attention after each contributor
     for contributor in contributors:
