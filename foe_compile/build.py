@@ -6,6 +6,7 @@ from torch import nn
 from .config import FoEConfig
 from .families import Family
 from .models import ExactDecoderLayer, FoEAttention, FoEDecoderLayer, FoEDenseMLP, FoEMoE
+from .models.group_streams import attention_scale
 from .shape import ModelShape
 
 
@@ -23,6 +24,6 @@ def replace_layers(model: nn.Module, family: Family, shape: ModelShape, config: 
         if config.mode == "exact":
             layers[i] = ExactDecoderLayer(source, attention, mlp)
         else:
-            c = float(H if config.attn_stream_scale is None else config.attn_stream_scale)
-            layers[i] = FoEDecoderLayer(source, attention, mlp, attn_stream_scale=c,
+            layers[i] = FoEDecoderLayer(source, attention, mlp,
+                                        attn_stream_scale=attention_scale(config.attn_stream_scale, H),
                                         is_first=i == 0, is_last=i == shape.num_layers - 1)

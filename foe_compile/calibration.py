@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import FoEMoE
-from .models.layer import stream_mean
+from .models.group_streams import stream_mean
 
 
 def as_batches(inputs: Tensor | Iterable[Tensor] | None) -> list[Tensor]:

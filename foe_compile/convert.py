@@ -19,6 +19,7 @@ from .families import Family, family_of, is_supported_family
 from .generic import convert_generic
 from .hf_blocks import convert_blocks, moe_blocks, source_logits
 from .kernels.reference import expert_activation
+from .models.group_streams import attention_scale
 from .report import CommunicationReport, ConversionReport, LayerReport, quota_reason, stream_reason
 from .serialization import is_converted, mark_converted
 from .shape import ModelShape
@@ -155,9 +156,7 @@ def validation_batches(model: nn.Module, batch: int = 2, length: int = 8, seed: 
 def resolve(model: nn.Module, shape: ModelShape, config: FoEConfig, batches: list[Tensor]) -> FoEConfig:
     """Fix H and every MoE layer's expert permutation (validating the request)."""
     H = shape.resolve_group_count(config)
-    c = config.attn_stream_scale
-    if c is not None and not 1 <= c <= H:
-        raise ValueError(f"attn_stream_scale must lie in [1, H={H}], got {c}")
+    attention_scale(config.attn_stream_scale, H)  # ValueError outside [1, H]
     E, chosen = shape.num_experts, config.expert_assignment
     if config.layer_assignments:  # loading a saved conversion
         perms = {i: assignment.check_permutation(config.layer_assignments[i], E) for i in shape.moe_layers}
@@ -181,9 +180,8 @@ def layer_reasons(i: int, shape: ModelShape, family: Family, config: FoEConfig) 
     if config.mode == "foe" and H > 1:
         if i in shape.moe_layers:
             reasons.append(quota_reason(k, H, E))
-        c = H if config.attn_stream_scale is None else config.attn_stream_scale
         if i > 0:
-            reasons.append(stream_reason(c))
+            reasons.append(stream_reason(attention_scale(config.attn_stream_scale, H)))
     if family.qk_norm == "full_width" and H > 1:
         notes.append("q/k RMSNorm spans all heads: one extra cross-group sum-of-squares reduction")
     if config.mode == "exact" and H > 1:

@@ -25,6 +25,7 @@ from .capture import CaptureRefused, Positional, capture_kwargs, export_aten
 from .comm import ep_volume, exact_volume, foe_volume
 from .config import FoEConfig
 from .families import FAMILIES
+from .models.group_streams import attention_scale
 from .passes import run_passes
 from .passes.find_gqa_attention import find_gqa_attention
 from .passes.find_moe_blocks import find_moe_blocks
@@ -255,7 +256,7 @@ def _layer_reports(gm: fx.GraphModule, blocks: list, H: int, config: FoEConfig) 
         slot = max(0, bisect.bisect(starts, position[b.output]) - 1) if starts else i
         after.setdefault(slot, []).append(b)
     foe = config.mode == "foe" and H > 1
-    c = H if config.attn_stream_scale is None else config.attn_stream_scale
+    c = attention_scale(config.attn_stream_scale, H) if foe else None
     layers = []
     for i in range(max(len(attentions), max(after, default=-1) + 1)):
         streams = foe and i < len(attentions) and attentions[i].reads_group_streams

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 
 from .models import FoEMoE
-from .models.layer import stream_mean
+from .models.group_streams import stream_mean
 
 
 def converted_forward(source_cls: type) -> Callable:

@@ -1,13 +1,12 @@
 """The FoE runtime: each rank runs its groups of a converted model; one all-reduce per layer.
 
-Per layer, on a rank holding local groups L (state: r_full [B, T, d], m [|L|, B, T, d]):
-    streams_h = r_full + H*m_h;  attn_h = H * Attn_h(Norm1(r_full + c*m_h))   (h in L)
-    r_full'   = all_reduce_sum(sum_{h in L} streams_h + attn_h) / H           # the ONE collective
-    m'_h      = group h's quota-routed experts on Norm2(r_full')              (group-local)
-After the last layer: out = all_reduce_sum(sum_{h in L} r_full + H*m_h) / H (the final mean,
-once per forward, kind "final_mean"). OLMoE adds a tiny [B, T, 2] all-reduce per layer for its
-full-width q/k norm (kind "qk_norm"). With G > H ranks (mesh.py), each rank also runs its
-group's intra-group dispatch/combine (dispatch.py).
+Per layer, a rank holding local groups L runs the equations of models/group_streams.py
+(foe_layer) on its state (r_full [B, T, d], m [|L|, B, T, d]); their mean over groups is the
+all-reduce of the rank's sum over L, divided by H (kind "stream_mean"), and the experts are
+group-local. After the last layer, final_mean with the same all-reduce (once per forward, kind
+"final_mean"). OLMoE adds a tiny [B, T, 2] all-reduce per layer for its full-width q/k norm
+(kind "qk_norm"). With G > H ranks (mesh.py), each rank also runs its group's intra-group
+dispatch/combine (dispatch.py).
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from ..config import FoEConfig
 from ..convert import convert
 from ..models import FoEDecoderLayer
+from ..models.group_streams import broadcast, final_mean, foe_layer, mean_over_groups
 from .accounting import FINAL
 from .attention import KVCache, LocalAttention
 from .base import RankModel
@@ -40,13 +40,15 @@ class FoERankLayer(nn.Module):
         self.mlp = LocalMLP(layer.mlp, mesh.local_groups, device, intra=mesh.group, layer=index)
 
     def forward(self, state: State, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None) -> State:
-        r_full, m = state
-        H = self.H
-        streams = r_full + H * m
-        attn_in = streams if self.c == H else r_full + self.c * m
-        attn = self.self_attn(self.input_layernorm(attn_in), rope, mask, cache)
-        partial = (streams + attn).sum(0)
-        r_full = self.ring.all_reduce(partial, layer=self.index, kind="stream_mean") / H
+        def attend(x: Tensor) -> Tensor:
+            return self.self_attn(self.input_layernorm(x), rope, mask, cache)
+
+        return foe_layer(*state, self.H, self.c, attend, self.mix)
+
+    def mix(self, streams: Tensor, attn: Tensor) -> State:
+        """The one all-reduce, then Norm2 and the local groups' MLPs."""
+        reduce = lambda t: self.ring.all_reduce(t, layer=self.index, kind="stream_mean")  # noqa: E731
+        r_full = mean_over_groups(streams + attn, self.H, reduce)
         xn = self.post_attention_layernorm(r_full)
         m = self.mlp(xn.reshape(-1, xn.shape[-1])).view(-1, *r_full.shape)
         return r_full, m
@@ -72,13 +74,11 @@ class FoERankModel(RankModel):
         self.mesh, self.H = mesh, config.num_groups
         self.layers = nn.ModuleList(FoERankLayer(i, layer, mesh, device) for i, layer in enumerate(model.model.layers))
 
-    def begin(self, x: Tensor) -> State:  # broadcast of the embedding: m = 0 for every group
-        return x, x.new_zeros(len(self.mesh.local_groups), *x.shape)
+    def begin(self, x: Tensor) -> State:
+        return broadcast(x, len(self.mesh.local_groups))
 
     def end(self, state: State) -> Tensor:
-        r_full, m = state
-        partial = (r_full + self.H * m).sum(0)
-        return self.mesh.ring.all_reduce(partial, layer=FINAL, kind="final_mean") / self.H
+        return final_mean(*state, self.H, lambda t: self.mesh.ring.all_reduce(t, layer=FINAL, kind="final_mean"))
 
 
 def _check_expert_split(model: nn.Module, mesh: FoEMesh) -> None:

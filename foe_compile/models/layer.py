@@ -4,18 +4,15 @@ source model's own forward, masks, cache and generate() drive them unchanged.
 exact: one shared stream x [B, T, d]
     r  = x + mean_h(H * Attn_h(Norm1(x)))            # all-reduce 1
     x' = r + sum_h m_h(Norm2(r))                      # all-reduce 2 (global top-k)
-foe: state (r_full [B, T, d], m [H, B, T, d]); group h's stream is r_full + H*m_h
-    r_full' = mean_h(r_full + H*m_h + H * Attn_h(Norm1(r_full + c*m_h)))   # the one all-reduce
-    m'_h    = group h's quota-routed experts on Norm2(r_full')
-Between FoE layers the state travels as one tensor [1 + H, B, T, d] = (r_full, m_1..m_H); the
-first layer broadcasts the embedding (m = 0) and the last returns the mean over groups.
+foe: the equations of group_streams.py (foe_layer, final_mean), every group in this process;
+between FoE layers the state travels packed, [1 + H, B, T, d] = (r_full, m_1..m_H).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .attention import FoEAttention
+from .group_streams import broadcast, final_mean, foe_layer, mean_over_groups, pack_state, unpack_state
 from .moe import FoEMoE
 
 
@@ -52,18 +49,17 @@ class FoEDecoderLayer(GroupedDecoderLayer):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids=None,
                 past_key_values=None, use_cache: bool | None = False, position_embeddings=None, **kwargs) -> Tensor:
         H = self.num_groups
-        if self.is_first:  # broadcast the embedding: every group starts from the same stream
-            r_full, m = hidden_states, hidden_states.new_zeros(H, *hidden_states.shape)
-        else:
-            r_full, m = hidden_states[0], hidden_states[1:]
-        streams = r_full + H * m  # [H, B, T, d]: what each group contributes to the mean
-        attn_in = streams if self.attn_stream_scale == H else r_full + self.attn_stream_scale * m
-        attn = self.self_attn(self.input_layernorm(attn_in), position_embeddings, attention_mask,
-                              past_key_values, **kwargs)
-        r_full, m = mix_and_mlp(self.mlp, self.post_attention_layernorm, streams, attn)
-        if self.is_last:
-            return (r_full + H * m).mean(0)
-        return torch.cat([r_full.unsqueeze(0), m])
+        r_full, m = broadcast(hidden_states, H) if self.is_first else unpack_state(hidden_states)
+
+        def attend(x: Tensor) -> Tensor:
+            return self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, past_key_values,
+                                  **kwargs)
+
+        def mix(streams: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
+            return mix_and_mlp(self.mlp, self.post_attention_layernorm, streams, attn)
+
+        r_full, m = foe_layer(r_full, m, H, self.attn_stream_scale, attend, mix)
+        return final_mean(r_full, m, H) if self.is_last else pack_state(r_full, m)
 
 
 def mix_and_mlp(mlp: nn.Module, norm: nn.Module, residual: Tensor, partials: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,13 +75,6 @@ def mix_and_mlp(mlp: nn.Module, norm: nn.Module, residual: Tensor, partials: Ten
                                                         partials.reshape(H, -1, d), norm)
         m = mlp(xn, ids, weights, pairs, offsets)
         return r.view(shape), m.view(H, *shape)
-    r = (residual + partials).mean(0)
+    r = mean_over_groups(residual + partials, H)
     return r, mlp(norm(r))
 
-
-def stream_mean(state: Tensor) -> Tensor:
-    """The model-level hidden state of an FoE layer's output: mean over groups of r_full + H*m_h."""
-    if state.dim() == 3:
-        return state
-    r_full, m = state[0], state[1:]
-    return r_full + m.sum(0)

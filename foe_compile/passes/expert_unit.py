@@ -163,22 +163,27 @@ def _bias_free_linear(node) -> bool:
     return is_op(node, aten.linear.default) and (len(node.args) < 3 or node.args[2] is None)
 
 
-def match_swiglu(down_linear: fx.Node):
-    """linear(silu(linear(x, Wg)) * linear(x, Wu), Wd) -> (x, Wg, Wu, Wd), all bias-free, else None
-    (the dense MLPs split_dense_mlps shards: spelled exactly so, since it rewrites that spelling)."""
+# Elementwise activations a dense gated MLP may apply to its gate (one node each in ATen).
+GATE_ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.relu.default)
+
+
+def match_gated_mlp(down_linear: fx.Node):
+    """linear(act(linear(x, Wg)) * linear(x, Wu), Wd), act one of GATE_ACTIVATIONS, all bias-free ->
+    (x, act node, Wg, Wu, Wd), else None (the dense MLPs split_dense_mlps shards: spelled exactly
+    so, since it rewrites that spelling)."""
     if not _bias_free_linear(down_linear):
         return None
     h = down_linear.args[0]
     if not is_op(h, aten.mul.Tensor):
         return None
     a, b = h.args
-    silu, up = (a, b) if is_op(a, aten.silu.default) else (b, a)
-    if not is_op(silu, aten.silu.default) or not _bias_free_linear(up):
+    act, up = (a, b) if is_op(a, *GATE_ACTIVATIONS) else (b, a)
+    if not is_op(act, *GATE_ACTIVATIONS) or not _bias_free_linear(up):
         return None
-    gate = silu.args[0]
+    gate = act.args[0]
     if not _bias_free_linear(gate) or gate.args[0] is not up.args[0]:
         return None
-    return gate.args[0], gate.args[1], up.args[1], down_linear.args[1]
+    return gate.args[0], act, gate.args[1], up.args[1], down_linear.args[1]
 
 
 def unit_nodes(inputs: list[fx.Node], output: fx.Node) -> list[fx.Node]:

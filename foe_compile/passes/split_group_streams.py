@@ -2,13 +2,14 @@
 
 After an MoE block whose experts were lowered with H groups (partials m_h, block output
 y = sum_h m_h), the source's next attention reads Norm1(r + y). In the FoE form group h's
-attention reads its own stream, Norm1(r + c*m_h) (DESIGN.md; c = H unless `attn_stream_scale`).
-This pass clones, per group, every node on a path from y to that attention's o_proj input,
-with y replaced by c*m_h, and points group h's head slice (from partition_groups) at its
-clone. Split dense MLPs and shared experts (split_dense_mlps) contribute their shares the
-same way, so a shared expert's share joins m_h, as in the module-level conversion. The
-residual side needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h, which is what
-the fused op already computes from the shared residual and the partials.
+attention reads its own stream, Norm1(r + c*m_h) (models/group_streams.py, the equations every
+form computes from; c = H unless `attn_stream_scale`). This pass clones, per group, every node
+on a path from y to that attention's o_proj input, with y replaced by a call of group_streams'
+attention_share(m_h, c), and points group h's head slice (from partition_groups) at its clone.
+Split dense MLPs and shared experts (split_dense_mlps) contribute their shares the same way,
+so a shared expert's share joins m_h, as in the module-level conversion. The residual side
+needs no change: mean_h(r + H*m_h + H*o_h) = (r + y) + sum_h o_h, which is what the fused op
+already computes from the shared residual and the partials.
 
 Each clone projects all heads and keeps group h's (redundant full-width projections). An
 RMSNorm over a whole q or k projection (OLMoE's q/k norm) reads, in every clone, each group's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..models.group_streams import attention_scale, attention_share
 from .fuse_sum_route_dispatch import match_rms_norm
 from .infra import (PASS_THROUGH, PassResult, ancestors, aten, descendants, erase_unused, is_op, shape_args,
                     skip_pass_through, val)
@@ -39,9 +41,7 @@ def split_group_streams(gm: fx.GraphModule, attn_stream_scale: float | None = No
     attentions = [a for a in gm.meta.get(ATTENTION_KEY, []) if a.group_heads]
     if H == 1 or not contributors or not attentions:
         return PassResult("split_group_streams", 0)
-    c = H if attn_stream_scale is None else attn_stream_scale
-    if not 1 <= c <= H:
-        raise ValueError(f"attn_stream_scale must lie in [1, H={H}], got {c}")
+    c = attention_scale(attn_stream_scale, H)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     feeding: dict[int, tuple[AttentionMatch, list]] = {}  # the next attention after each contributor
     for contributor in contributors:
@@ -99,14 +99,14 @@ def _check_region(region: set[fx.Node], outputs: list[fx.Node], blocks: list[fx.
     while changed:
         changed = False
         for node in region - stream:
-            inputs = [a for a in node.all_input_nodes if a in stream]
+            inputs = [a for a in _value_inputs(node) if a in stream]
             scaled = is_op(node, aten.mul.Tensor) and not any(a in region for a in node.all_input_nodes if a not in stream)
             linear = is_op(node, *LINEAR) or (scaled and len(inputs) == 1)  # e.g. a shared expert's gate
             if inputs and linear:
                 stream.add(node)
                 changed = True
     for node in region - stream:
-        for read in (a for a in node.all_input_nodes if a in stream):
+        for read in (a for a in _value_inputs(node) if a in stream):
             if not _feeds_residual(read, region, stream):
                 raise ValueError(
                     f"{node.name} applies a non-linear op to the MoE/MLP output {outputs[0].name} before it joins "
@@ -119,6 +119,13 @@ def _check_region(region: set[fx.Node], outputs: list[fx.Node], blocks: list[fx.
             f"attention values {escaping} are also used outside the attention (e.g. stored in a KV cache), but the "
             "FoE form gives every group its own stream and cache; compile with use_cache=False, or use the "
             "module-level convert(model, mode='foe'), whose layers keep per-group caches")
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values `node` computes with: of a view or cast only the first (type_as,
+    view_as and reshape_as take just a dtype or shape from the second, e.g. Gemma-style
+    RMSNorms' output.type_as(x) with x the stream)."""
+    return [node.args[0]] if is_op(node, *PASS_THROUGH) else node.all_input_nodes
 
 
 def _feeds_residual(node: fx.Node, region: set[fx.Node], stream: set[fx.Node]) -> bool:
@@ -159,7 +166,7 @@ def _gather_own_heads(g: fx.Graph, per_group: list[fx.Node]) -> fx.Node:
 
 def _scaled_partial(g: fx.Graph, source, h: int, c: float) -> fx.Node:
     y = val(source.output)
-    m_h = g.call_function(aten.mul.Tensor, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
+    m_h = g.call_function(attention_share, (g.call_function(aten.select.int, (source.group_partials, 0, h)), c))
     shape = shape_args(g, y.shape)
     out = g.call_function(aten.to.dtype, (g.call_function(aten.reshape.default, (m_h, shape)), y.dtype))
     out.meta["val"] = y

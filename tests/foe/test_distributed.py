@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 
 from foe_compile import FoEConfig, builtin_model, convert
+from foe_compile.capture import export_aten
 from foe_compile.comm import all_reduce_volume, ep_volume, exact_volume, foe_volume
 from foe_compile.distributed import (CollectiveError, KVCache, build_ep, build_exact, build_foe, shard_batch,
                                      spawn)
+from foe_compile.passes import run_passes
 
 MAX_REL = 1e-5
 OLMOE = dict(name="olmoe-tiny")  # kv heads 4, E=8, k=4, d=64, full-width q/k norm
@@ -63,6 +65,17 @@ def exact_error(name: str, H: int) -> tuple[float, object]:
     ids = ids_for(2, T)
     model = build_exact(copy.deepcopy(src), FoEConfig(num_groups=H))
     return max_rel(model(ids), src(ids).logits), model
+
+
+# Expert units other than SiLU, on a dense layer (qwen3: layer 1) and shared experts (qwen2).
+NON_SILU = [("qwen3-moe-tiny", "gelu"), ("qwen2-moe-tiny", "gelu_pytorch_tanh")]
+
+
+@torch.no_grad()
+def non_silu_logits(name: str, act: str):
+    """The distributed FoE form (H = G = 2: every rank holds all tokens) of a model whose MLPs use `act`."""
+    model = build_foe(builtin_model(name, seed=0, hidden_act=act), FoEConfig(num_groups=2))
+    return model(ids_for(2, T)).numpy()  # numpy: tensors do not outlive the rank's process
 
 
 def tie_router(model, period: int, block: int) -> None:
@@ -127,6 +140,7 @@ def two_ranks(rank: int, world: int) -> dict:
     out["exact_bytes"] = [m.ledger.bytes(i, ("attn_sum", "moe_sum")) for i in range(3)]
     out["ep_olmoe"] = ep_checks("olmoe-tiny", world)
     out["ep_qwen2"] = ep_checks("qwen2-moe-tiny", world)["error"]
+    out["non_silu"] = {f"{name}-{act}": non_silu_logits(name, act) for name, act in NON_SILU}
     # A peer that raises and stays alive: the others time out (3 s) with a clear error.
     short = dist.new_group([0, 1], timeout=__import__("datetime").timedelta(seconds=3))
     model = build_foe(builtin_model("olmoe-tiny", seed=0), FoEConfig(num_groups=2), pg=short, timeout_s=3)
@@ -192,6 +206,24 @@ def test_foe_group_spanning_ranks_equals_reference(four):
 def test_foe_kv_cache_decode(two):
     for r in two:
         assert r["foe_decode_h4"] <= MAX_REL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, act", NON_SILU)
+def test_non_silu_model_agrees_in_module_graph_and_ranks(two, name, act):
+    """One FoE model with GELU MLPs in its three forms: module-level convert(), the FX graph rewrite
+    and the 2-rank runtime. An activation dropped or replaced in any one of them shows as a
+    difference far above the tolerance (the same weights with SiLU differ by more than 1e-3)."""
+    src = builtin_model(name, seed=0, hidden_act=act)
+    ids = ids_for(2, T)
+    module = convert(copy.deepcopy(src), num_groups=2)[0](ids, use_cache=False).logits
+    gm = export_aten(copy.deepcopy(src), (ids,), {"use_cache": False}).module()
+    run_passes(gm, num_groups=2, mode="foe")
+    silu = convert(builtin_model(name, seed=0), num_groups=2)[0](ids, use_cache=False).logits
+    assert max_rel(silu, module) > 1e-3
+    assert max_rel(gm(ids, use_cache=False).logits, module) <= MAX_REL
+    for r in two:
+        assert max_rel(torch.from_numpy(r["non_silu"][f"{name}-{act}"]), module) <= MAX_REL
 
 
 def test_exact_and_ep_equal_source(two, four):

@@ -13,6 +13,7 @@ torch.export capture plus translation validation.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from foe_testing import EXACT_MAX_REL, max_rel
 
 from foe_compile import convert, hf_blocks, hf_zoo
@@ -109,6 +110,7 @@ FOE: dict[str, str | None] = {
     "gemma4_text": "FoE form",  # its router reads its own norm of the residual, the experts another
     "granitemoehybrid": "FoE form",
     "minimax_m2": None,  # sigmoid scores + correction bias: fused, quota-routed
+    "minimax_m3_vl_text": None,  # norms cast back with type_as(x); equations checked below
     "gpt_oss": None,  # eager attention with sinks, router bias, clamped GLU experts
     "qwen3_next": "FoE form",
     "qwen3_5_moe_text": "FoE form",
@@ -139,3 +141,51 @@ def test_foe_form_is_built_or_refused_with_a_reason(model_type):
     assert report.validation_error is not None and all(layer.reasons for layer in report.layers if layer.kind == "moe")
     ids = tokens(model, 1, 5, seed=1)
     assert logits(converted(ids)).shape == logits(model(ids)).shape
+
+
+@torch.no_grad()
+def minimax_m3_foe_reference(model, ids: torch.Tensor, H: int) -> torch.Tensor:
+    """DESIGN.md's FoE equations (c = H) written out with MiniMax-M3's own modules: group h's attention
+    reads r_full + H*m_h and keeps its heads' o_proj columns, times H; quota routing takes k/H experts in
+    each block of E/H by the bias-corrected sigmoid scores, weights renormalised over all k picks; m_h is
+    group h's experts' output times the routed scaling. The shared expert is not split (split_dense_mlps
+    does not know its fused gate_up spelling): it joins the shared stream r_full."""
+    inner = model.model
+    x = inner.embed_tokens(ids)
+    B, T, d = x.shape
+    rope = inner.rotary_emb(x, torch.arange(T)[None])
+    mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    r, m = x, x.new_zeros(H, B, T, d)
+    for layer in inner.layers:
+        attn, heads = layer.self_attn, []
+        cols = attn.o_proj.weight.shape[1] // H
+        hook = attn.o_proj.register_forward_pre_hook(lambda _m, a: heads.append(a[0]))
+        for h in range(H):
+            attn(layer.input_layernorm(r + H * m[h]), rope, mask)
+        hook.remove()
+        o = [H * F.linear(heads[h][..., h * cols:(h + 1) * cols], attn.o_proj.weight[:, h * cols:(h + 1) * cols])
+             for h in range(H)]
+        r = torch.stack([r + H * m[h] + o[h] for h in range(H)]).mean(0)
+        xn = layer.post_attention_layernorm(r).reshape(-1, d)
+        mlp, q = layer.mlp, layer.mlp.gate.top_k // H
+        scores = torch.sigmoid(F.linear(xn, mlp.gate.weight).float())
+        E = scores.shape[-1]
+        local = (scores + mlp.gate.e_score_correction_bias).view(-1, H, E // H).topk(q, dim=-1).indices
+        picks = (local + torch.arange(H)[None, :, None] * (E // H)).reshape(-1, H * q)
+        w = scores.gather(1, picks)
+        w = w / w.sum(-1, keepdim=True)
+        m = torch.stack([mlp.routed_scaling_factor * mlp.experts(xn, picks[:, h * q:(h + 1) * q], w[:, h * q:(h + 1) * q])
+                         for h in range(H)]).view(H, B, T, d)
+        r = r + mlp.shared_experts(xn).view(B, T, d)
+    return model.lm_head(inner.norm(torch.stack([r + H * m[h] for h in range(H)]).mean(0)))
+
+
+@torch.no_grad()
+def test_minimax_m3_foe_form_equals_the_equations():
+    """Its norms end in output.type_as(x), which once made the FoE form fail with an internal error."""
+    model = hf_zoo.tiny_model("minimax_m3_vl_text")
+    converted, report = convert(model, mode="foe", calibration_inputs=tokens(model, 2, 7, seed=0))
+    assert report.num_groups == 2
+    for batch, length in [(2, 7), (1, 5), (3, 11)]:
+        ids = tokens(model, batch, length, seed=batch + length)
+        assert max_rel(logits(converted(ids)), minimax_m3_foe_reference(model, ids, 2)) <= EXACT_MAX_REL

@@ -17,6 +17,7 @@ from foe_compile.config import FoEConfig
 from foe_compile.generic import convert_generic
 from foe_compile.kernels.reference import route as quota_top_k
 from foe_compile.passes import run_passes
+from foe_compile.passes.expert_unit import GATE_ACTIVATIONS
 from foe_compile.passes.infra import cleanup
 from foe_compile.passes.matches import DENSE_KEY
 from foe_compile.passes.partition_groups import GROUPS_KEY
@@ -113,6 +114,33 @@ def test_attention_variants_equal_the_equations(variant):
     model = UserMoETransformer(DenseLoopMoE, layers=2, **variant).eval()
     ids = tokens(2, 7, vocab=96)
     gm, _ = convert(model, mode="foe", num_groups=2, calibration_inputs=ids)
+    assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
+
+
+class TypeAsRMSNorm(torch.nn.Module):
+    """An RMSNorm scaled by 1 + w and cast back with output.type_as(x) (Gemma's and MiniMax-M3's)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+@torch.no_grad()
+def test_attention_norm_cast_back_with_type_as_equals_the_equations():
+    """type_as(out, x) reads only x's dtype: the stream x is not put through a non-linear op there
+    (before, such a norm was refused as a post-MLP norm, e.g. minimax_m3_vl_text's)."""
+    torch.manual_seed(0)
+    model = UserMoETransformer(DenseLoopMoE, layers=3).eval()
+    for block in model.blocks:
+        block.norm1 = TypeAsRMSNorm(32)
+    ids = tokens(2, 7, vocab=96)
+    gm, _ = convert(model, mode="foe", calibration_inputs=ids)
+    assert {r.name: r.rewrites for r in gm.meta["foe_pass_results"]}["split_group_streams"] == 2
     assert max_rel(gm(ids), foe_reference(model, ids, H=2, c=2.0, renormalize=True)) <= EXACT_MAX_REL
 
 
@@ -261,9 +289,24 @@ class BiasedSwiGLU(SwiGLU):
         self.w2 = torch.nn.Linear(inner, d, bias=True)
 
 
+class GatedMLP(SwiGLU):
+    """w2(act(w1 x) * w3 x) with another gate activation."""
+
+    def __init__(self, d: int, inner: int, act) -> None:
+        super().__init__(d, inner)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("mlp, groups, splits", [
     (SwiGLU(32, 24), 4, 1),
+    (GatedMLP(32, 24, F.gelu), 4, 1),  # each share keeps the source's activation
+    (GatedMLP(32, 24, lambda x: F.gelu(x, approximate="tanh")), 4, 1),
+    (GatedMLP(32, 24, F.relu), 4, 1),
+    (GatedMLP(32, 24, torch.tanh), 4, 0),  # not a gate activation split_dense_mlps knows
     (SwiGLU(32, 24), 1, 0),  # one group: nothing to split
     (SwiGLU(32, 18), 4, 0),  # 18 units do not split in 4
     (BiasedSwiGLU(32, 24), 4, 0),  # a bias would be added H times
@@ -276,6 +319,8 @@ def test_split_dense_mlps(mlp, groups, splits):
     cleanup(gm)
     assert result.rewrites == splits and len(gm.meta[DENSE_KEY]) == splits
     assert count(gm, "aten.linear") == (3 * groups if splits else 3) and count(gm, "aten.stack") == splits
+    if splits:  # one activation per share, the source's (its numerics checked below)
+        assert sum(n.op == "call_function" and n.target in GATE_ACTIVATIONS for n in gm.graph.nodes) == groups
     torch.testing.assert_close(gm(x), mlp(x), rtol=1e-6, atol=1e-6)
 
 
