@@ -27,10 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x -n 2 --durations=15 -m "not families" tests
 
-# The Hugging Face family sweep (tests/foe/test_families.py): one torch.export capture and
-# translation validation per family, so it runs as its own CI step.
+# The Hugging Face family sweep (every test marked `families`: tests/foe/test_families.py and the
+# family capture tests): one torch.export capture and translation validation per family, so it
+# runs as its own CI step.
 test-families: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=5 -m families tests/foe/test_families.py
+	$(BIN)/python -m pytest -q -n 2 --durations=5 -m families tests
 
 # Microbenchmarks (bench/conftest.py): GPU shapes in bf16 when CUDA is present, else the tiny
 # CPU mode; rows, plot and summary land in bench/results/.
