@@ -15,11 +15,13 @@ that differs in any of these is left as written, with the reason recorded for th
 """
 from __future__ import annotations
 
+import operator
+
 from torch import fx
 
 from .dense_experts import dense_weighted_input
 from .expert_forms import FORMS, refresh_grouped_mm_ops
-from .infra import PassResult, ancestors, aten, getitem_users, is_op
+from .infra import PassResult, ancestors, aten, descendants, getitem_users, is_op
 from .matches import MOE_KEY, UNTOUCHED_KEY, MoEMatch
 from .moe_router import is_pick_router, match_router, routing_size
 from .sort_split import sort_split
@@ -39,6 +41,11 @@ def find_moe_blocks(gm: fx.GraphModule) -> PassResult:
             if isinstance(router, str):  # routing stays in the graph; the experts may still be lowered
                 router = (node, None, getitem_users(node)[1], None, None, False, router)
             match = _match_experts(*router)
+            if isinstance(match, MoEMatch):
+                write = _write_through_alias(match, router[1] if router[1] is not None else node)
+                if write is not None:
+                    match = (f"{node.name}: {write.name} ({_op_name(write)}) writes in place into a tensor of the block "
+                             "that other ops also read (the matchers follow values, not memory); left as written")
             if isinstance(match, str):
                 untouched[node] = ((router[1].args[1] if router[1] is not None else node).name, match)
             else:
@@ -89,3 +96,52 @@ def _attention_module(node: fx.Node) -> str | None:
     """The path of the innermost module whose class is an attention module that `node` was traced in."""
     stack = list(node.meta.get("nn_module_stack", {}).values())
     return next((path for path, cls in reversed(stack) if "Attention" in str(cls).rsplit(".", 1)[-1]), None)
+
+
+# Ops whose output shares memory with their first input: a write into one is a write into the others.
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.alias.default, aten.slice.Tensor, aten.select.int,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
+          aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default, aten.as_strided.default,
+          aten.diagonal.default, aten.view_as.default, aten.reshape.default, aten.flatten.using_ints,
+          aten.unflatten.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+          aten.detach.default}
+_MULTI_VIEWS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A view of its first input (an item of split / chunk / unbind is one; an output of topk is not)."""
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and node.args[0].target in _MULTI_VIEWS
+    return node.target in _VIEWS
+
+
+def _write_through_alias(match: MoEMatch, start: fx.Node) -> fx.Node | None:
+    """An op writing in place into a tensor the block computes (from the router to the output), or into
+    a view of one, while other ops read that memory after the write: the matchers reason about node
+    values, so such a write (w.view(-1).masked_fill_(...), then w read) would be lost by the rewrite.
+    Writes whose memory is read afterwards only through the writer's own result (w /= w.sum(),
+    act(g).mul_(u), index_add_ into a fresh buffer) are what the matchers follow."""
+    region = (descendants([start]) & (ancestors(match.output) | {match.output})) | {start}
+    position = {n: i for i, n in enumerate(start.graph.nodes)}
+    for node in region:
+        aliases, frontier = {node}, [node]
+        while frontier:
+            frontier = [u for n in frontier for u in n.users if _is_view(u) and u not in aliases]
+            aliases.update(frontier)
+        readers = {u for a in aliases for u in a.users} - aliases
+        for writer in (u for u in readers if any(u.args[i] in aliases for i in _written_args(u))):
+            if any(position[r] > position[writer] for r in readers - {writer}):  # reads the memory after the write
+                return writer
+    return None
+
+
+def _written_args(node: fx.Node) -> list[int]:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    return [i for i, arg in enumerate(schema.arguments[:len(node.args)])
+            if arg.alias_info is not None and arg.alias_info.is_write]
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))

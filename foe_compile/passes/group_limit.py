@@ -20,7 +20,7 @@ import operator
 
 from torch import fx
 
-from .infra import aten, is_op, skip_pass_through, val
+from .infra import aten, is_op, skip_exact, skip_pass_through, val
 
 _NOT_LIMIT = "router top-k over a masked selection that is not DeepSeek-V3's group limit ({})"
 
@@ -40,7 +40,7 @@ def match_group_limit(masked: fx.Node) -> tuple[fx.Node, dict] | str | None:
         kept = mask.args[0]
     else:
         return _NOT_LIMIT.format("the mask is not the complement of a kept-groups mask")
-    expand = skip_pass_through(kept)
+    expand = skip_pass_through(kept)  # a 0/1 mask: any cast keeps it
     if not is_op(expand, aten.expand.default) or val(expand).dim() != 3 or val(mask).shape != val(select).shape:
         return _NOT_LIMIT.format("the mask is not a per-group mask expanded over the experts")
     n_group, size = val(expand).shape[1:]
@@ -60,7 +60,7 @@ def match_group_limit(masked: fx.Node) -> tuple[fx.Node, dict] | str | None:
     if group_topk is None or not isinstance(group_topk.args[1], int):
         return _NOT_LIMIT.format("the kept groups are not a top-k of group scores")
     topk_group = group_topk.args[1]
-    group_scores = skip_pass_through(group_topk.args[0])
+    group_scores = skip_exact(group_topk.args[0])
     if is_op(group_scores, aten.amax.default) or (group_scores.target is operator.getitem and
                                                    is_op(group_scores.args[0], aten.max.dim)):
         return ("group-limited top-k scoring each group by its maximum (DeepSeek-V2's group_limited_greedy, "
@@ -74,7 +74,7 @@ def match_group_limit(masked: fx.Node) -> tuple[fx.Node, dict] | str | None:
     if top2 is None or top2.args[1] != 2:
         return _NOT_LIMIT.format("the group scores are not the sum of each group's top 2")
     grouped = top2.args[0]
-    if skip_pass_through(grouped) is not skip_pass_through(select) or tuple(val(grouped).shape[1:]) != (n_group, size):
+    if skip_exact(grouped) is not skip_exact(select) or tuple(val(grouped).shape[1:]) != (n_group, size):
         return _NOT_LIMIT.format("the group scores do not read the masked selection in contiguous groups")
     return select, {"n_group": int(n_group), "topk_group": int(topk_group), "group_fill_zero": fill == 0}
 

@@ -7,6 +7,7 @@ FakeTensor in node.meta["val"].
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,6 +110,38 @@ PASS_THROUGH = (aten.view.default, aten.reshape.default, aten.view_as.default, a
 def skip_pass_through(node: fx.Node) -> fx.Node:
     """Walk up through views/casts to the node that produced the values."""
     while is_op(node, *PASS_THROUGH):
+        node = node.args[0]
+    return node
+
+
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
+
+
+def _mantissa_bits(dtype: torch.dtype) -> int:
+    return round(-math.log2(torch.finfo(dtype).eps)) + 1
+
+
+def keeps_values(cast: fx.Node) -> bool:
+    """Whether the cast `cast` maps every value of its input's dtype to itself (same dtype, a wider
+    float, a wider integer, bool to anything, integers to a float whose mantissa holds them)."""
+    src, dst = val(cast.args[0]).dtype, val(cast).dtype
+    if src == dst or src == torch.bool:
+        return True
+    if src.is_floating_point and dst.is_floating_point:
+        a, b = torch.finfo(src), torch.finfo(dst)
+        return b.max >= a.max and b.eps <= a.eps and b.tiny <= a.tiny
+    if not src.is_floating_point and not src.is_complex and dst.is_floating_point:
+        return torch.iinfo(src).bits <= _mantissa_bits(dst)
+    if not (src.is_floating_point or dst.is_floating_point or src.is_complex or dst.is_complex):
+        a, b = torch.iinfo(src), torch.iinfo(dst)
+        return b.min <= a.min and b.max >= a.max
+    return False
+
+
+def skip_exact(node: fx.Node) -> fx.Node:
+    """skip_pass_through through views and casts that keep every value only: a cast that rounds
+    (fp32 -> fp16 before a top-k, a float cast to int) is where a match must look, not past it."""
+    while is_op(node, *PASS_THROUGH) and (not is_op(node, *_CASTS) or keeps_values(node)):
         node = node.args[0]
     return node
 

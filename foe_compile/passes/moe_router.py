@@ -14,7 +14,8 @@ import torch
 from torch import fx
 
 from .group_limit import match_group_limit
-from .infra import PASS_THROUGH, ancestors, aten, getitem_users, is_op, only_user, skip_pass_through, users, val
+from .infra import (PASS_THROUGH, ancestors, aten, getitem_users, is_op, only_user, skip_exact, skip_pass_through,
+                    users, val)
 
 # torch.export records a `with torch.no_grad():` region as this higher-order op over a submodule.
 _GRAD_REGION = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
@@ -50,7 +51,7 @@ def match_router(topk: fx.Node):
         return topk, None, topk, None, None, False, why
     if not isinstance(topk.args[1], int):
         return None  # a data-dependent k (a sparse-attention indexer's min(k, T)) is not a router's
-    source = skip_pass_through(topk.args[0])
+    source = skip_exact(topk.args[0])
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
     outs = getitem_users(topk)
@@ -61,7 +62,7 @@ def match_router(topk: fx.Node):
         return limit
     group = {}
     if limit is not None:
-        source, group = skip_pass_through(limit[0]), limit[1]
+        source, group = skip_exact(limit[0]), limit[1]
     correction, scores = _correction(source)
     scored = _scoring(scores)
     if scored is not None and (scored[0] != "softmax" or correction is not None or group):
@@ -69,9 +70,12 @@ def match_router(topk: fx.Node):
     if group:
         return f"group-limited top-k over {_name(scores)} scores (foe::sum_route_dispatch scores a linear)"
     if is_op(source, aten.softmax.int, aten._softmax.default):
-        linear, order = skip_pass_through(source.args[0]), "softmax_topk"
+        linear, order = skip_exact(source.args[0]), "softmax_topk"
         if not is_last_dim(source, source.args[1]):
             return f"router softmax over dim {source.args[1]}, not over the experts (last dim)"
+        if val(source).shape[-1] != val(linear).shape[-1] or val(topk.args[0]).shape[-1] != val(linear).shape[-1]:
+            return (f"router softmax over {val(source).shape[-1]} of the {val(linear).shape[-1]} router outputs (a view "
+                    "regroups them; foe::sum_route_dispatch normalises over all experts)")
     elif is_op(source, aten.linear.default):
         linear, order = source, "topk_softmax"
     else:
@@ -146,7 +150,7 @@ def _correction(source: fx.Node) -> tuple[fx.Node | None, fx.Node]:
                 stored = stored.args[0]  # Ernie 4.5 keeps it [1, E] and squeezes it
             if stored.op in ("get_attr", "placeholder") and val(bias).dim() == 1 and \
                     val(bias).shape[0] == val(source).shape[-1]:
-                return bias, skip_pass_through(scores)
+                return bias, skip_exact(scores)
     return None, source
 
 
@@ -154,6 +158,8 @@ def _scoring(scores: fx.Node) -> tuple[str, fx.Node] | None:
     """(scoring, router linear) for softmax / sigmoid / sqrt(softplus) over the last dim of a linear."""
     if is_op(scores, aten.softmax.int, aten._softmax.default) and is_last_dim(scores, scores.args[1]):
         kind, logits = "softmax", scores.args[0]
+        if val(scores).shape[-1] != val(skip_exact(logits)).shape[-1]:
+            return None  # a softmax over part of the experts (a view regrouping them)
     elif is_op(scores, aten.sigmoid.default):
         kind, logits = "sigmoid", scores.args[0]
     elif is_op(scores, aten.sqrt.default) and is_op(scores.args[0], aten.softplus.default) and \
@@ -161,7 +167,7 @@ def _scoring(scores: fx.Node) -> tuple[str, fx.Node] | None:
         kind, logits = "sqrtsoftplus", scores.args[0].args[0]
     else:
         return None
-    linear = skip_pass_through(logits)
+    linear = skip_exact(logits)
     return (kind, linear) if is_op(linear, aten.linear.default) else None
 
 
@@ -221,7 +227,7 @@ def _expert_scale(node, ids: fx.Node, router_dtype) -> fx.Node | None:
         return None
     scale = node.args[0]
     if scale.op not in ("get_attr", "placeholder") or val(scale).dim() != 1 or \
-            val(scale).dtype not in (router_dtype, torch.float32):
+            val(scale).shape[0] != val(ids.args[0].args[0]).shape[-1] or val(scale).dtype not in (router_dtype, torch.float32):
         return None
     return scale
 
@@ -242,8 +248,8 @@ def _routing_weights(values: fx.Node) -> tuple[fx.Node, bool, dict]:
     node, renormalize, renorm = values, False, {}
     sums = users(values, aten.sum.dim_IntList) + [n for n in users(values, aten.linalg_vector_norm.default)
                                                   if n.args[1] == 1 and (n.args[3] if len(n.args) > 3 else False)]
-    if len(sums) == 1 and list(sums[0].args[1 + is_op(sums[0], aten.linalg_vector_norm.default)]) in (
-            [-1], [val(values).dim() - 1]):
+    dims = sums[0].args[1 + is_op(sums[0], aten.linalg_vector_norm.default)] if len(sums) == 1 else None
+    if isinstance(dims, (list, tuple)) and list(dims) in ([-1], [val(values).dim() - 1]):
         total, eps = _renorm_denominator(sums[0])
         divs = [u for u in users(values, aten.div.Tensor, aten.div_.Tensor) if u.args[1] is total]
         if len(divs) == 1:
@@ -255,7 +261,8 @@ def _renorm_denominator(total: fx.Node) -> tuple[fx.Node, dict]:
     """(denominator, variant) for a renormalising sum: itself, sum + eps (DeepSeek-V3 lineage, LFM2) or
     sum.clamp(min=m) (Ernie 4.5), with a constant finite eps / m >= 0."""
     nxt = only_user(total)
-    if is_op(nxt, aten.add.Tensor) and nxt.args[0] is total and _nonnegative(nxt.args[1]):
+    if is_op(nxt, aten.add.Tensor) and nxt.args[0] is total and _nonnegative(nxt.args[1]) and len(nxt.args) == 2 \
+            and nxt.kwargs.get("alpha", 1) == 1:
         return nxt, {"renorm_eps": float(nxt.args[1])}
     if is_op(nxt, aten.clamp.default, aten.clamp_min.default) and nxt.args[0] is total and len(nxt.args) == 2 and \
             not nxt.kwargs.get("max") and _nonnegative(nxt.args[1]):

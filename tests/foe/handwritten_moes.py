@@ -519,7 +519,39 @@ FUSED_VARIANTS = [SigmoidRouter, BiasedRouter, ScaledCombine, CorrectedSigmoid, 
 # Routing foe::sum_route_dispatch does not compute: the routing stays as written and only the
 # experts are lowered (exact form); the FoE form, which needs quota routing in the fused op, refuses.
 # (class, a fragment of the reason the report gives)
+class SelectOnHalf(CorrectedSigmoid):
+    """Experts selected on fp16-rounded corrected scores (weights the fp32 scores): the rounding
+    decides near-ties, so the fused op (which selects in fp32) would pick other experts there."""
+
+    def route(self, x):
+        scores = torch.sigmoid(self.router(x).float())
+        ids = torch.topk((scores + self.correction).half(), self.top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
+        return weights / weights.sum(-1, keepdim=True) * 1.5, ids
+
+
+class SoftmaxOverHalves(WhereIndexAdd):
+    """A softmax over each half of the experts (a view regroups the logits), top-k over all."""
+
+    def route(self, x):
+        logits = self.router(x)
+        probs = F.softmax(logits.view(-1, 2, self.num_experts // 2), dim=-1).view(-1, self.num_experts)
+        w, ids = torch.topk(probs, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), ids
+
+
+class RenormPlusScaledEps(WhereIndexAdd):
+    """w / (sum + 10 * 0.1) spelled with add's alpha: not an eps of 0.1."""
+
+    def route(self, x):
+        w, ids = torch.topk(F.softmax(self.router(x), dim=-1), self.top_k, dim=-1)
+        return w / torch.add(w.sum(-1, keepdim=True), 0.1, alpha=10), ids
+
+
 GRAPH_ROUTED = [
+    (SelectOnHalf, "router scores come from to.dtype"),
+    (SoftmaxOverHalves, "router softmax over 2 of the 4 router outputs"),
+    (RenormPlusScaledEps, "routing weights are changed after the router"),
     (SmallestTopk, "largest=False"),
     (GroupLimited, "not DeepSeek-V3's group limit"),
     (DenseWeightedInput, "top-k on logits"),  # Llama 4's routing; dense experts weighting their input
@@ -580,7 +612,17 @@ class SwappedColumns(_Base):
         return out.view_as(x)
 
 
+class PrunedThroughView(WhereIndexAdd):
+    """Renormalised weights below 0.3 zeroed in place through a view, after which the weights are read."""
+
+    def route(self, x):
+        w, ids = super().route(x)
+        w.view(-1).masked_fill_(w.view(-1) < 0.3, 0)
+        return w, ids
+
+
 REFUSED = [
+    (PrunedThroughView, "writes in place into a tensor of the block that other ops also read"),
     (FirstSlotWeights, "not multiplied by the routing weights at its picks"),
     (SwappedColumns, "combined into rows other than its tokens'"),
     (SortSplitReversedCounts, "split sizes are not the per-expert pick counts in expert order"),

@@ -11,7 +11,7 @@ from foe_compile import builtin_model
 from foe_compile.passes.find_gqa_attention import find_gqa_attention
 from foe_compile.passes.find_moe_blocks import find_moe_blocks
 from foe_compile.passes.fuse_sum_route_dispatch import fuse_sum_route_dispatch
-from foe_compile.passes.infra import cleanup
+from foe_compile.passes.infra import cleanup, keeps_values
 from foe_compile.passes.lower_experts import lower_experts
 from foe_compile.passes.matches import MOE_KEY, UNTOUCHED_KEY
 from foe_compile.passes.partition_groups import partition_groups
@@ -223,3 +223,31 @@ def test_hf_decoder_layer_captured_with_export_and_fused():
                        "fuse_sum_route_dispatch": 1, "lower_experts": 1}
     assert count(gm, "foe.sum_route_dispatch") == 1 and count(gm, "foe.experts_swiglu") == 1
     torch.testing.assert_close(gm(x, position_embeddings=rope, attention_mask=None), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("src, dst, keeps", [
+    (torch.float32, torch.float32, True), (torch.float16, torch.float32, True), (torch.bfloat16, torch.float64, True),
+    (torch.float32, torch.float16, False), (torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float16, False),
+    (torch.float16, torch.bfloat16, False), (torch.int32, torch.float64, True), (torch.int64, torch.float32, False),
+    (torch.int8, torch.float16, True), (torch.int32, torch.int64, True), (torch.int64, torch.int32, False),
+    (torch.bool, torch.float16, True), (torch.float32, torch.int64, False), (torch.float32, torch.float8_e4m3fn, False),
+])
+def test_a_cast_is_skipped_by_matchers_only_when_it_keeps_every_value(src, dst, keeps):
+    """infra.keeps_values agrees with a round trip of values at the edges of the source dtype."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    cast = graph.call_function(torch.ops.aten.to.dtype, (x, dst))
+    x.meta["val"], cast.meta["val"] = torch.empty(0, dtype=src), torch.empty(0, dtype=dst)
+    assert keeps_values(cast) is keeps
+    if src.is_floating_point:
+        info = torch.finfo(src)
+        probe = torch.tensor([info.max, info.tiny, info.eps, 1 + info.eps, -info.max], dtype=src)
+    elif src == torch.bool:
+        probe = torch.tensor([True, False])
+    else:
+        info = torch.iinfo(src)
+        probe = torch.tensor([info.max, info.min, info.max - 1], dtype=src)
+    if keeps:
+        assert torch.equal(probe.to(dst).to(src), probe)
+    else:
+        assert not torch.equal(probe.to(dst).to(src), probe)
