@@ -143,7 +143,12 @@ def convert_generic(model: nn.Module, config: FoEConfig, example: list[Tensor],
         except (ValueError, RuntimeError) as err:
             log.warning("inputs of shapes %s: %s; they run the captured source graph unchanged",
                         [tuple(a.shape) for a in args if isinstance(a, Tensor)], str(err).splitlines()[0])
-            program = export_aten(source, tuple(args), dynamic=True)
+            try:
+                program = export_aten(source, tuple(args), dynamic=True)
+            except (ValueError, RuntimeError) as dynamic_err:  # symbolic sizes the model's code cannot take
+                log.warning("capturing them with symbolic sizes failed (%s); capturing at exactly these sizes",
+                            str(dynamic_err).splitlines()[0][:200])
+                program = export_aten(source, tuple(args), dynamic=False)
             gm = program.module()
             gm.meta[RANGES_KEY] = _input_ranges(program)
             return gm
