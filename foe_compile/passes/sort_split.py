@@ -17,7 +17,7 @@ the split sizes are the pick counts per expert in that order. So out[t] is the s
 of w * expert(x[t]), which is what foe::experts_swiglu computes. Every link of that argument is
 checked on the graph: the sort of the flattened ids (ascending), the token index, the gather, the
 split sizes (each the count of one expert, in order: a histogram of the ids by one_hot or a scatter
-of ones, summed over the picks), the same sizes for both splits, the concatenations in order, the
+of ones, summed over the picks, held in dtypes that count exactly), the same sizes for both splits, the concatenations in order, the
 weights gathered by the same order, and the combine into zeros.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import operator
 import torch
 from torch import fx
 
-from .expert_forms import _internal, _one_unit, is_zeros
+from .expert_forms import _internal, _one_unit, is_zeros, scaled_index_add
 from .expert_unit import ExpertMLP, as_linear, match_expert_mlp, recognise_unit, unit_sources
 from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
@@ -49,8 +49,8 @@ def sort_split(c: dict) -> MoEMatch | str | None:
     if len(splits) != 1 or _split_dim(splits[0]) != 0:
         return None
     first_split = splits[0]
-    if not _split_by_counts(first_split, ids, E):
-        return "sort + split: the split sizes are not the per-expert pick counts in expert order"
+    if why := _split_by_counts(first_split, ids, E):
+        return f"sort + split: {why}"
     chunks = _parts(first_split, E)
     combined = _index_add_combine(token, order, weights, ids) or _unsort_combine(order, weights, ids, k)
     if chunks is None or combined is None:
@@ -86,6 +86,8 @@ def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
     combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
     if combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
         return None
+    if why := scaled_index_add(combine):
+        return why
     scaled = skip_pass_through(combine.args[3])
     if not is_op(scaled, aten.mul.Tensor):
         return "expert outputs are combined without being multiplied by their routing weights"
@@ -166,25 +168,44 @@ def _parts(split: fx.Node, count: int) -> list[fx.Node] | None:
     return [parts[i] for i in range(count)] if sorted(parts) == list(range(count)) else None
 
 
-def _split_by_counts(split: fx.Node, ids: fx.Node, num_experts: int) -> bool:
+def _split_by_counts(split: fx.Node, ids: fx.Node, num_experts: int) -> str | None:
+    """Why the split sizes are not the exact per-expert pick counts in expert order (None: they are)."""
     sizes = split.args[1]
-    return len(sizes) == num_experts and all(_counts_expert(s, e, ids, num_experts) for e, s in enumerate(sizes))
+    if len(sizes) != num_experts:
+        return f"the split makes {len(sizes)} chunks for {num_experts} experts"
+    counts = [_counts_of_expert(s, e) for e, s in enumerate(sizes)]
+    if any(c is None for c in counts) or not all(_is_histogram(skip_pass_through(c), ids, num_experts) for c in counts):
+        return "the split sizes are not the per-expert pick counts in expert order"
+    lossy = next((n for c in counts for n in _count_chain(c) if val(n).dtype not in _EXACT_COUNTS), None)
+    return None if lossy is None else (
+        f"the per-expert pick counts are held in {val(lossy).dtype} ({lossy.name}), which does not count exactly")
 
 
-def _counts_expert(size, expert: int, ids: fx.Node, num_experts: int) -> bool:
-    """Whether the split size `size` is item() of entry `expert` of the pick counts of `ids`."""
+def _counts_of_expert(size, expert: int) -> fx.Node | None:
+    """The counts tensor [E] when the split size `size` is item() of its entry `expert`."""
     if not is_op(size, aten.item.default, aten._local_scalar_dense.default):
-        return False
+        return None
     entry = size.args[0]
     if entry.target is operator.getitem and is_op(entry.args[0], aten.unbind.int) and entry.args[1] == expert:
-        counts = entry.args[0].args[0]
         if (entry.args[0].args[1] if len(entry.args[0].args) > 1 else 0) != 0:
-            return False
-    elif is_op(entry, aten.select.int) and entry.args[1] == 0 and entry.args[2] == expert:
-        counts = entry.args[0]
-    else:
-        return False
-    return _is_histogram(skip_pass_through(counts), ids, num_experts)
+            return None
+        return entry.args[0].args[0]
+    if is_op(entry, aten.select.int) and entry.args[1] == 0 and entry.args[2] == expert:
+        return entry.args[0]
+    return None
+
+
+# Dtypes that hold the pick counts exactly: integers of 32 bits and more, and floats counting by ones exactly
+# to 2^24 (float32) picks per expert, which is more tokens than one call holds.
+_EXACT_COUNTS = (torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+def _count_chain(counts: fx.Node) -> list[fx.Node]:
+    """The histogram and the views and casts from it to `counts`: each holds the counts in its dtype."""
+    chain = [counts]
+    while is_op(chain[-1], *PASS_THROUGH):
+        chain.append(chain[-1].args[0])
+    return chain
 
 
 def _is_histogram(counts: fx.Node, ids: fx.Node, num_experts: int) -> bool:
@@ -267,8 +288,8 @@ def _parallel_experts(outputs: list, chunks: list[fx.Node], ids: fx.Node) -> lis
     second = downs[0].x.args[0] if downs[0].x.target is operator.getitem else None
     if not is_op(second, aten.split_with_sizes.default) or _split_dim(second) != 0:
         return None
-    if not _split_by_counts(second, ids, len(outputs)):
-        return "the unit's output is not split by the per-expert pick counts in expert order"
+    if why := _split_by_counts(second, ids, len(outputs)):
+        return f"the unit's output is not split as its input: {why}"
     if [d.x for d in downs] != _parts(second, len(outputs)):
         return "expert outputs are not the down projections of the chunks in order"
     unit_output = second.args[0]
