@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .expert_unit import ExpertMLP, Unit, as_linear, match_expert_mlp, recognise_unit
+from .expert_unit import ExpertMLP, Unit, as_linear, lossy_cast, match_expert_mlp, recognise_unit
 from .infra import PASS_THROUGH, ancestors, aten, descendants, getitem_users, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 from .moe_router import is_last_dim
@@ -74,7 +74,8 @@ def _grouped_mm(c: dict) -> MoEMatch | str | None:
     unit = recognise_unit([h], mms[1].args[0], val(h).shape[-1])
     if isinstance(unit, str):
         return unit
-    weights = _weighting(y, output, c["weights"], c["ids"], (outs.get(0), outs.get(1), c["num_experts"]))
+    weights = _weighting(y, output, c["weights"], c["ids"], (outs.get(0), outs.get(1), c["num_experts"]),
+                         val(gathers[0]).dtype)
     if isinstance(weights, str):
         return weights
     c = {**c, "weights": weights}
@@ -142,11 +143,13 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node, sort: tuple) -> fx.Node | str:
+def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node, sort: tuple,
+               dtype: torch.dtype) -> fx.Node | str:
     """The routing weights [..., k] when the down GEMM's rows (`down`, after its bias) are multiplied
     once by them and summed back per token (with a fused router: exactly the weights it produced);
     else what differs. `sort` = (sorted ids, sort order, E): the only fills allowed zero the rows of
-    sentinel ids >= E, and the only row gather is the unsort (the inverse of the sort order)."""
+    sentinel ids >= E, and the only row gather is the unsort (the inverse of the sort order); casts keep
+    the values of the hidden `dtype`."""
     sorted_ids, order, num_experts = sort
     path = (descendants([down]) & (ancestors(output) | {output})) - {output}
     foreign = [n for n in path if n.op == "call_function" and not is_op(n, *_COMBINE_OPS)]
@@ -155,17 +158,25 @@ def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.
     foreign += [n for n in path if is_op(n, aten.index.Tensor) and not _is_unsort(n.args[1], order)]
     if foreign:
         return f"expert outputs go through {_name(foreign[0])} ({foreign[0].name}) before the combine"
+    if cast := lossy_cast(path, dtype):
+        return f"expert outputs are cast to {val(cast).dtype} ({cast.name}), which rounds beyond the hidden {dtype}"
     muls = [n for n in path if is_op(n, aten.mul.Tensor)]
     if len(muls) != 1:
         return f"expert outputs are multiplied {len(muls)} times before the combine (expected: once, by the weights)"
     other = [a for a in muls[0].args if isinstance(a, fx.Node) and a not in path and a is not down]
-    return _same_weights(other[0] if len(other) == 1 else None, weights, ids)
+    return _same_weights(other[0] if len(other) == 1 else None, weights, ids, dtype)
 
 
-def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
-    """`weights` when the expert outputs' factor is those weights (gathered or viewed); with graph
-    routing (weights None), the factor's source when it is a per-pick tensor shaped like ids."""
-    source = _weights_source(factor) if factor is not None else None
+def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node, dtype: torch.dtype) -> fx.Node | str:
+    """`weights` when the expert outputs' factor is those weights (gathered, viewed, or cast to dtypes holding the
+    hidden `dtype`: the op rounds them to it); with graph routing (weights None), the factor's source when it is a
+    per-pick tensor shaped like ids."""
+    path = _walk(factor, aten.unsqueeze.default, aten.index.Tensor, aten.select.int, aten.expand.default,
+                 *PASS_THROUGH) if factor is not None else [None]
+    if cast := lossy_cast(path, dtype):
+        return (f"expert outputs are scaled by routing weights cast to {val(cast).dtype} ({cast.name}), which rounds "
+                f"them beyond the hidden {dtype}")
+    source = path[-1]
     if weights is not None:
         if source is not None and source is skip_pass_through(weights):
             return weights
@@ -175,14 +186,12 @@ def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node)
             "factor or per-expert scale the fused op does not apply)")
 
 
-def _weights_source(node: fx.Node) -> fx.Node:
-    """The routing-weights node behind views, casts, unsqueezes and gathers (w[perm], w[token, slot])."""
-    while True:
-        node = skip_pass_through(node)
-        if is_op(node, aten.unsqueeze.default, aten.index.Tensor, aten.select.int, aten.expand.default):
-            node = node.args[0]
-        else:
-            return node
+def _walk(node: fx.Node, *ops) -> list[fx.Node]:
+    """`node` and the nodes above it through `ops` (by their first argument), the first not among them last."""
+    path = [node]
+    while is_op(path[-1], *ops):
+        path.append(path[-1].args[0])
+    return path
 
 
 def _nearest(start: fx.Node | None, predicate, limit: int) -> list[fx.Node]:
@@ -302,19 +311,24 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
             scaled = skip_pass_through(scaled.args[0])
         if not is_op(scaled, aten.mul.Tensor):
             return "per-expert outputs are combined without being multiplied by their routing weights"
-        downs = [(skip_pass_through(s), o) for s, o in (scaled.args, scaled.args[::-1])
+        downs = [(s, o) for s, o in (scaled.args, scaled.args[::-1])
                  if isinstance(s, fx.Node) and as_linear(skip_pass_through(s)) is not None]
         if not downs:
             return None
-        mlp, w = match_expert_mlp(downs[0][0]), downs[0][1]
+        y, w = downs[0]
+        mlp = match_expert_mlp(skip_pass_through(y))
         if not isinstance(mlp, ExpertMLP):
             return mlp
+        dtype = val(mlp.x).dtype
+        if cast := lossy_cast(_walk(node.args[value_pos], aten.expand.default, *PASS_THROUGH) + _walk(y, *PASS_THROUGH),
+                              dtype):
+            return f"per-expert outputs are cast to {val(cast).dtype} ({cast.name}), which rounds beyond the hidden {dtype}"
         e = _selected_expert(index, ids, E)
         if _pick_axis(index, ids) != (e, 0):
             return f"expert {e}'s outputs are combined into rows other than its tokens' (the token column of its picks)"
         if not _at_picks(w, e, ids):
             return f"expert {e}'s outputs are not multiplied by the routing weights at its picks (weights[token, slot])"
-        weights = _same_weights(w, weights, ids)
+        weights = _same_weights(w, weights, ids, dtype)
         if isinstance(weights, str):
             return "per-" + weights
         x = mlp.x

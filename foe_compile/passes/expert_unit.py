@@ -272,6 +272,11 @@ def holds_values(dtype: torch.dtype, sources) -> bool:
     return dtype in _FLOATS and all(s in _FLOATS and torch.promote_types(s, dtype) == dtype for s in sources)
 
 
+def lossy_cast(nodes, dtype: torch.dtype) -> fx.Node | None:
+    """The first of `nodes` that casts to a dtype not holding every value of `dtype` (None: none does)."""
+    return next((n for n in nodes if is_op(n, *_CASTS) and not holds_values(val(n).dtype, {dtype})), None)
+
+
 def _run(nodes: list[fx.Node], inputs: list[fx.Node], output: fx.Node, probe: torch.Tensor) -> torch.Tensor:
     """Evaluate `nodes` on `probe` split by columns across `inputs`; casts stay float64 (each keeps the
     projection dtype's values, checked by recognise_unit; its rounding of the arithmetic is measured by translation

@@ -27,8 +27,8 @@ import operator
 import torch
 from torch import fx
 
-from .expert_forms import _internal, _one_unit, is_zeros, scaled_index_add
-from .expert_unit import ExpertMLP, as_linear, match_expert_mlp, recognise_unit, unit_sources
+from .expert_forms import _internal, _one_unit, _walk, is_zeros, scaled_index_add
+from .expert_unit import ExpertMLP, as_linear, lossy_cast, match_expert_mlp, recognise_unit, unit_sources
 from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 
@@ -49,10 +49,13 @@ def sort_split(c: dict) -> MoEMatch | str | None:
     if len(splits) != 1 or _split_dim(splits[0]) != 0:
         return None
     first_split = splits[0]
+    if write := _written(order) or _written(token):
+        return f"sort + split: {write.name} writes into the sort order or the token index in place"
     if why := _split_by_counts(first_split, ids, E):
         return f"sort + split: {why}"
     chunks = _parts(first_split, E)
-    combined = _index_add_combine(token, order, weights, ids) or _unsort_combine(order, weights, ids, k)
+    dtype = val(first_split.args[0]).dtype
+    combined = _index_add_combine(token, order, weights, ids, dtype) or _unsort_combine(order, weights, ids, k, dtype)
     if chunks is None or combined is None:
         return None
     if isinstance(combined, str):
@@ -75,13 +78,27 @@ def sort_split(c: dict) -> MoEMatch | str | None:
                     internal=_internal([ids, weights], output), **{**c, "weights": weights})
 
 
+def _written(node: fx.Node) -> fx.Node | None:
+    """An op writing into `node` in place, directly or through a view of it (None: none does)."""
+    for u in node.users:
+        schema = getattr(u.target, "_schema", None)
+        if schema is None or not schema.arguments or not u.args or u.args[0] is not node:
+            continue
+        alias = schema.arguments[0].alias_info  # set when the op writes into its input or returns a view of it
+        if alias is not None and alias.is_write:
+            return u
+        if alias is not None and (found := _written(u)) is not None:
+            return found
+    return None
+
+
 def _gathers(token: fx.Node) -> list[fx.Node]:
     """x[token] or x.index_select(0, token)."""
     return [u for u in token.users if (is_op(u, aten.index.Tensor) and u.args[1] == [token])
             or (is_op(u, aten.index_select.default) and u.args[1] == 0 and u.args[2] is token)]
 
 
-def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
+def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node, dtype: torch.dtype):
     """(cat, weights, output) for zeros.index_add(0, token, cat(...) * weights.flatten()[order][:, None])."""
     combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
     if combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
@@ -95,13 +112,14 @@ def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
     if cat is None:
         return None
     factor = next((a for a in scaled.args if skip_pass_through(a) is not cat), None)
-    weights = _sorted_weights(factor, order, weights, ids)
+    weights = _sorted_weights(factor, order, weights, ids, dtype)
     return weights if isinstance(weights, str) else (cat, weights, combine)
 
 
-def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int):
+def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int, dtype: torch.dtype):
     """(cat, weights, output) for u = zeros[T*k, d].index_copy_(0, order, cat(...)) (the picks back in
-    token-major order), then (u.view(T, k, d) * weights.unsqueeze(-1)).sum(1)."""
+    token-major order), then (u.view(T, k, d) * weights.unsqueeze(-1)).sum(1), the weights cast only to dtypes
+    holding the hidden `dtype`."""
     copy = next((u for u in order.users if is_op(u, aten.index_copy_.default, aten.index_copy.default)
                  and u.args[2] is order), None)
     if copy is None or copy.args[1] != 0 or not is_zeros(copy.args[0]):
@@ -120,9 +138,10 @@ def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int):
     total = only_user(scaled)
     if not is_op(total, aten.sum.dim_IntList) or [d % val(scaled).dim() for d in total.args[1]] != [1]:
         return "the weighted picks are not summed over the k slots"
-    source = factor
-    while is_op(source, aten.unsqueeze.default, *PASS_THROUGH):
-        source = source.args[0]
+    chain = _walk(factor, aten.unsqueeze.default, *PASS_THROUGH)
+    if cast := lossy_cast(chain, dtype):
+        return _rounded(cast, dtype)
+    source = chain[-1]
     if tuple(val(factor).shape) != (*val(ids).shape, 1) or tuple(val(source).shape) != tuple(val(ids).shape):
         return "the expert outputs' factor is not the routing weights [T, k, 1]"
     if weights is not None and source is not skip_pass_through(weights):
@@ -237,18 +256,21 @@ def _same_ids(node, ids: fx.Node) -> bool:
     return node is skip_pass_through(ids)
 
 
-def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Node, dtype: torch.dtype) -> fx.Node | str:
     """The routing weights [..., k] when the expert outputs' factor is weights.flatten()[order]
-    (with [:, None] before or after the gather); else why not. With graph routing (weights None):
-    the flattened tensor, when it is shaped like the ids."""
-    node = skip_pass_through(factor) if isinstance(factor, fx.Node) else None
-    while is_op(node, aten.unsqueeze.default, aten.expand.default) or _whole_slice(node):
-        node = skip_pass_through(node.args[0])
+    (with [:, None] before or after the gather, cast only to dtypes holding the hidden `dtype`); else why
+    not. With graph routing (weights None): the flattened tensor, when it is shaped like the ids."""
+    if not isinstance(factor, fx.Node):
+        return "the expert outputs' factor is not the routing weights gathered in the sorted order"
+    walked = [factor]
+    while is_op(walked[-1], aten.unsqueeze.default, aten.expand.default, *PASS_THROUGH) or _whole_slice(walked[-1]):
+        walked.append(walked[-1].args[0])
+    node = walked[-1]
     if not is_op(node, aten.index.Tensor) or node.args[1] != [order]:
         return "the expert outputs' factor is not the routing weights gathered in the sorted order"
-    chain = [node.args[0]]
-    while is_op(chain[-1], aten.unsqueeze.default, aten.flatten.using_ints, *PASS_THROUGH):
-        chain.append(chain[-1].args[0])
+    chain = _walk(node.args[0], aten.unsqueeze.default, aten.flatten.using_ints, *PASS_THROUGH)
+    if cast := lossy_cast(walked + chain, dtype):
+        return _rounded(cast, dtype)
     source = chain[-1]
     flattened = any(val(n).dim() == 1 or (val(n).dim() == 2 and val(n).shape[-1] == 1) for n in chain[:-1])
     if not flattened or val(source).shape != val(ids).shape:
@@ -256,6 +278,10 @@ def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Nod
     if weights is not None and source is not skip_pass_through(weights):
         return "expert outputs are scaled by something other than the routing weights"
     return weights if weights is not None else source
+
+
+def _rounded(cast: fx.Node, dtype: torch.dtype) -> str:
+    return f"the routing weights are cast to {val(cast).dtype} ({cast.name}), which rounds them beyond the hidden {dtype}"
 
 
 def _whole_slice(node) -> bool:

@@ -97,6 +97,61 @@ class ComparedWithIntegralFloat(ComparedWith):
     one = 1.0
 
 
+class SortSplitWeightsViaBf16(SortSplit):
+    """The sorted routing weights rounded through bfloat16 in a float32 model."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        order = ids.flatten().argsort()
+        token = order // self.top_k
+        counts = F.one_hot(ids.flatten(), self.num_experts).sum(0).tolist()
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+        factor = w.flatten().to(torch.bfloat16).to(h.dtype)[order, None]
+        return torch.zeros_like(h).index_add_(0, token, y * factor).view_as(x)
+
+
+class SortSplitTokenWritten(SortSplit):
+    """The token index overwritten in place (through a view) after the gather: the combine adds into other rows."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        order = ids.flatten().argsort()
+        token = order // self.top_k
+        counts = F.one_hot(ids.flatten(), self.num_experts).sum(0).tolist()
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+        token[:1] = 0
+        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[order, None]).view_as(x)
+
+
+class LoopWeightsViaBf16(_Base):
+    """A per-expert loop whose routing weights are rounded through bfloat16 in a float32 model."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(h[token]) * w[token, slot, None].to(torch.bfloat16).to(h.dtype))
+        return out.view_as(x)
+
+
+class LoopOutputsViaFp8(_Base):
+    """A per-expert loop whose weighted outputs are rounded through float8 before the combine."""
+
+    def forward(self, x):
+        h = self.flat(x)
+        w, ids = self.route(h)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            y = expert(h[token]) * w[token, slot, None]
+            out.index_add_(0, token, y.to(torch.float8_e4m3fn).to(h.dtype))
+        return out.view_as(x)
+
+
 def _experts_with(unit_cls):
     class Experts(WhereIndexAdd):
         def __init__(self, d, inner, num_experts, top_k):
@@ -142,6 +197,10 @@ REFUSED = [
     (SortSplitAlpha, "sort + split: combine index_add with alpha=2.0"),
     (ScatterAddNarrowIndex, "scatter_add's index is not the token column expanded to the expert output's full shape"),
     (ComparedWith, "per-expert loop compares the expert ids with 1.5, which is no expert's id"),
+    (SortSplitWeightsViaBf16, "sort + split: the routing weights are cast to torch.bfloat16"),
+    (SortSplitTokenWritten, "writes into the sort order or the token index in place"),
+    (LoopWeightsViaBf16, "scaled by routing weights cast to torch.bfloat16"),
+    (LoopOutputsViaFp8, "per-expert outputs are cast to torch.float8_e4m3fn"),
     (_experts_with(Fp8Gate), "expert unit casts to torch.float8_e4m3fn"),
     (_experts_with(IntGate), "expert unit casts to torch.int64"),
 ]
