@@ -177,6 +177,8 @@ def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node,
         return (f"expert outputs are scaled by routing weights cast to {val(cast).dtype} ({cast.name}), which rounds "
                 f"them beyond the hidden {dtype}")
     source = path[-1]
+    if source is not None and (write := _written(source)) is not None:
+        return f"expert outputs are scaled by routing weights that {write.name} writes into in place"
     if weights is not None:
         if source is not None and source is skip_pass_through(weights):
             return weights
@@ -184,6 +186,20 @@ def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node,
         return source
     return ("expert outputs are scaled by something other than the routing weights (a routed scaling "
             "factor or per-expert scale the fused op does not apply)")
+
+
+def _written(node: fx.Node) -> fx.Node | None:
+    """An op writing into `node` in place, directly or through a view of it (None: none does)."""
+    for u in node.users:
+        schema = getattr(u.target, "_schema", None)
+        if schema is None or not schema.arguments or not u.args or u.args[0] is not node:
+            continue
+        alias = schema.arguments[0].alias_info  # set when the op writes into its input or returns a view of it
+        if alias is not None and alias.is_write:
+            return u
+        if alias is not None and (found := _written(u)) is not None:
+            return found
+    return None
 
 
 def _walk(node: fx.Node, *ops) -> list[fx.Node]:

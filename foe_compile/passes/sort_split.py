@@ -27,7 +27,7 @@ import operator
 import torch
 from torch import fx
 
-from .expert_forms import _internal, _one_unit, _walk, is_zeros, scaled_index_add
+from .expert_forms import _internal, _one_unit, _walk, _written, is_zeros, scaled_index_add
 from .expert_unit import ExpertMLP, as_linear, lossy_cast, match_expert_mlp, recognise_unit, unit_sources
 from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
@@ -76,20 +76,6 @@ def sort_split(c: dict) -> MoEMatch | str | None:
     hidden = first_split.args[0].args[0]
     return MoEMatch("sort_split", hidden=hidden, output=output, per_expert=per_expert, unit=unit,
                     internal=_internal([ids, weights], output), **{**c, "weights": weights})
-
-
-def _written(node: fx.Node) -> fx.Node | None:
-    """An op writing into `node` in place, directly or through a view of it (None: none does)."""
-    for u in node.users:
-        schema = getattr(u.target, "_schema", None)
-        if schema is None or not schema.arguments or not u.args or u.args[0] is not node:
-            continue
-        alias = schema.arguments[0].alias_info  # set when the op writes into its input or returns a view of it
-        if alias is not None and alias.is_write:
-            return u
-        if alias is not None and (found := _written(u)) is not None:
-            return found
-    return None
 
 
 def _gathers(token: fx.Node) -> list[fx.Node]:

@@ -138,6 +138,16 @@ class LoopWeightsViaBf16(_Base):
         return out.view_as(x)
 
 
+class WeightsPrunedThroughView(WhereIndexAdd):
+    """Routing weights below 0.1 zeroed in place through a view after the router (never hit at init)."""
+
+    def route(self, x):
+        w, ids = super().route(x)
+        flat = w.view(-1)
+        flat.masked_fill_(flat < 0.1, 0.0)
+        return w, ids
+
+
 class LoopOutputsViaFp8(_Base):
     """A per-expert loop whose weighted outputs are rounded through float8 before the combine."""
 
@@ -200,6 +210,7 @@ REFUSED = [
     (SortSplitWeightsViaBf16, "sort + split: the routing weights are cast to torch.bfloat16"),
     (SortSplitTokenWritten, "writes into the sort order or the token index in place"),
     (LoopWeightsViaBf16, "scaled by routing weights cast to torch.bfloat16"),
+    (WeightsPrunedThroughView, "scaled by routing weights that masked_fill_"),
     (LoopOutputsViaFp8, "per-expert outputs are cast to torch.float8_e4m3fn"),
     (_experts_with(Fp8Gate), "expert unit casts to torch.float8_e4m3fn"),
     (_experts_with(IntGate), "expert unit casts to torch.int64"),
