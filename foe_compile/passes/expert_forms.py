@@ -15,8 +15,9 @@ import operator
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .expert_unit import ExpertMLP, Unit, as_linear, match_expert_mlp, recognise_unit
+from .expert_unit import ExpertMLP, Unit, as_linear, lossy_cast, match_expert_mlp, recognise_unit
 from .infra import PASS_THROUGH, ancestors, aten, descendants, getitem_users, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 from .moe_router import is_last_dim
@@ -73,7 +74,8 @@ def _grouped_mm(c: dict) -> MoEMatch | str | None:
     unit = recognise_unit([h], mms[1].args[0], val(h).shape[-1])
     if isinstance(unit, str):
         return unit
-    weights = _weighting(y, output, c["weights"], c["ids"], (outs.get(0), outs.get(1), c["num_experts"]))
+    weights = _weighting(y, output, c["weights"], c["ids"], (outs.get(0), outs.get(1), c["num_experts"]),
+                         val(gathers[0]).dtype)
     if isinstance(weights, str):
         return weights
     c = {**c, "weights": weights}
@@ -84,11 +86,12 @@ def _grouped_mm(c: dict) -> MoEMatch | str | None:
 
 def _grouped_weight(mm: fx.Node) -> tuple[fx.Node, bool]:
     """(stacked weight, transposed): [E, out, in] read through a transpose (transformers' default), or
-    [E, in, out] read directly (`is_transposed` experts such as gpt-oss's)."""
+    [E, in, out] read directly (`is_transposed` experts such as gpt-oss's). The weight is the node the GEMM
+    reads, casts and views included (a cast of the weights, fp8 emulation say, is part of what it multiplies by)."""
     arg = mm.args[1]
     if is_op(arg, aten.transpose.int) and sorted(d % 3 for d in arg.args[1:]) == [1, 2]:
-        return skip_pass_through(arg.args[0]), False
-    return skip_pass_through(arg), True
+        return arg.args[0], False
+    return arg, True
 
 
 def _after_grouped_gemm(mm: fx.Node, sorted_ids: fx.Node | None, num_experts: int) -> tuple[fx.Node, fx.Node | None]:
@@ -140,11 +143,13 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node, sort: tuple) -> fx.Node | str:
+def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.Node, sort: tuple,
+               dtype: torch.dtype) -> fx.Node | str:
     """The routing weights [..., k] when the down GEMM's rows (`down`, after its bias) are multiplied
     once by them and summed back per token (with a fused router: exactly the weights it produced);
     else what differs. `sort` = (sorted ids, sort order, E): the only fills allowed zero the rows of
-    sentinel ids >= E, and the only row gather is the unsort (the inverse of the sort order)."""
+    sentinel ids >= E, and the only row gather is the unsort (the inverse of the sort order); casts keep
+    the values of the hidden `dtype`."""
     sorted_ids, order, num_experts = sort
     path = (descendants([down]) & (ancestors(output) | {output})) - {output}
     foreign = [n for n in path if n.op == "call_function" and not is_op(n, *_COMBINE_OPS)]
@@ -153,17 +158,27 @@ def _weighting(down: fx.Node, output: fx.Node, weights: fx.Node | None, ids: fx.
     foreign += [n for n in path if is_op(n, aten.index.Tensor) and not _is_unsort(n.args[1], order)]
     if foreign:
         return f"expert outputs go through {_name(foreign[0])} ({foreign[0].name}) before the combine"
+    if cast := lossy_cast(path, dtype):
+        return f"expert outputs are cast to {val(cast).dtype} ({cast.name}), which rounds beyond the hidden {dtype}"
     muls = [n for n in path if is_op(n, aten.mul.Tensor)]
     if len(muls) != 1:
         return f"expert outputs are multiplied {len(muls)} times before the combine (expected: once, by the weights)"
     other = [a for a in muls[0].args if isinstance(a, fx.Node) and a not in path and a is not down]
-    return _same_weights(other[0] if len(other) == 1 else None, weights, ids)
+    return _same_weights(other[0] if len(other) == 1 else None, weights, ids, dtype)
 
 
-def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
-    """`weights` when the expert outputs' factor is those weights (gathered or viewed); with graph
-    routing (weights None), the factor's source when it is a per-pick tensor shaped like ids."""
-    source = _weights_source(factor) if factor is not None else None
+def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node, dtype: torch.dtype) -> fx.Node | str:
+    """`weights` when the expert outputs' factor is those weights (gathered, viewed, or cast to dtypes holding the
+    hidden `dtype`: the op rounds them to it); with graph routing (weights None), the factor's source when it is a
+    per-pick tensor shaped like ids."""
+    path = _walk(factor, aten.unsqueeze.default, aten.index.Tensor, aten.select.int, aten.expand.default,
+                 *PASS_THROUGH) if factor is not None else [None]
+    if cast := lossy_cast(path, dtype):
+        return (f"expert outputs are scaled by routing weights cast to {val(cast).dtype} ({cast.name}), which rounds "
+                f"them beyond the hidden {dtype}")
+    source = path[-1]
+    if source is not None and (write := _written(source)) is not None:
+        return f"expert outputs are scaled by routing weights that {write.name} writes into in place"
     if weights is not None:
         if source is not None and source is skip_pass_through(weights):
             return weights
@@ -173,14 +188,26 @@ def _same_weights(factor: fx.Node | None, weights: fx.Node | None, ids: fx.Node)
             "factor or per-expert scale the fused op does not apply)")
 
 
-def _weights_source(node: fx.Node) -> fx.Node:
-    """The routing-weights node behind views, casts, unsqueezes and gathers (w[perm], w[token, slot])."""
-    while True:
-        node = skip_pass_through(node)
-        if is_op(node, aten.unsqueeze.default, aten.index.Tensor, aten.select.int, aten.expand.default):
-            node = node.args[0]
-        else:
-            return node
+def _written(node: fx.Node) -> fx.Node | None:
+    """An op writing into `node` in place, directly or through a view of it (None: none does)."""
+    for u in node.users:
+        schema = getattr(u.target, "_schema", None)
+        if schema is None or not schema.arguments or not u.args or u.args[0] is not node:
+            continue
+        alias = schema.arguments[0].alias_info  # set when the op writes into its input or returns a view of it
+        if alias is not None and alias.is_write:
+            return u
+        if alias is not None and (found := _written(u)) is not None:
+            return found
+    return None
+
+
+def _walk(node: fx.Node, *ops) -> list[fx.Node]:
+    """`node` and the nodes above it through `ops` (by their first argument), the first not among them last."""
+    path = [node]
+    while is_op(path[-1], *ops):
+        path.append(path[-1].args[0])
+    return path
 
 
 def _nearest(start: fx.Node | None, predicate, limit: int) -> list[fx.Node]:
@@ -198,8 +225,8 @@ def _dense_loop(c: dict) -> MoEMatch | str | None:
     E, ids, weights = c["num_experts"], c["ids"], c["weights"]
     if weights is None:
         return None
-    eqs = {int(u.args[1]): u for u in users(ids, aten.eq.Scalar)}
-    if sorted(eqs) != list(range(E)):
+    eqs = {_expert_id(u.args[1]): u for u in users(ids, aten.eq.Scalar)}
+    if set(eqs) != set(range(E)):
         return None
     terms, per_expert, hidden = [], [], None
     for e in range(E):
@@ -277,7 +304,8 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
     combines = _in_graph_order(n for n in descendants([ids]) if is_op(n, *_COMBINES)
                                and _selected_expert(_combine_index(n), ids, E) is not None)
     if len(combines) != E:
-        return None
+        odd = [u.args[1] for u in users(ids, aten.eq.Scalar) if _expert_id(u.args[1]) is None]
+        return f"per-expert loop compares the expert ids with {odd[0]!r}, which is no expert's id" if odd else None
     why = _one_accumulator(combines)
     if why:
         return why
@@ -290,25 +318,33 @@ def _select_loop(c: dict) -> MoEMatch | str | None:
                 return "per-expert combine by index_put_ without accumulate=True overwrites rows"
         elif node.args[1] not in (0, -val(node).dim()):
             return None
+        elif node.target in (aten.scatter_add_.default, aten.scatter_add.default) and not _rows_index(node):
+            return ("per-expert combine scatter_add's index is not the token column expanded to the expert "
+                    "output's full shape (token[:, None].expand(-1, d)): it adds only some columns")
         index = _combine_index(node)
         scaled = skip_pass_through(node.args[value_pos])
         if is_op(scaled, aten.expand.default):
             scaled = skip_pass_through(scaled.args[0])
         if not is_op(scaled, aten.mul.Tensor):
             return "per-expert outputs are combined without being multiplied by their routing weights"
-        downs = [(skip_pass_through(s), o) for s, o in (scaled.args, scaled.args[::-1])
+        downs = [(s, o) for s, o in (scaled.args, scaled.args[::-1])
                  if isinstance(s, fx.Node) and as_linear(skip_pass_through(s)) is not None]
         if not downs:
             return None
-        mlp, w = match_expert_mlp(downs[0][0]), downs[0][1]
+        y, w = downs[0]
+        mlp = match_expert_mlp(skip_pass_through(y))
         if not isinstance(mlp, ExpertMLP):
             return mlp
+        dtype = val(mlp.x).dtype
+        if cast := lossy_cast(_walk(node.args[value_pos], aten.expand.default, *PASS_THROUGH) + _walk(y, *PASS_THROUGH),
+                              dtype):
+            return f"per-expert outputs are cast to {val(cast).dtype} ({cast.name}), which rounds beyond the hidden {dtype}"
         e = _selected_expert(index, ids, E)
         if _pick_axis(index, ids) != (e, 0):
             return f"expert {e}'s outputs are combined into rows other than its tokens' (the token column of its picks)"
         if not _at_picks(w, e, ids):
             return f"expert {e}'s outputs are not multiplied by the routing weights at its picks (weights[token, slot])"
-        weights = _same_weights(w, weights, ids)
+        weights = _same_weights(w, weights, ids, dtype)
         if isinstance(weights, str):
             return "per-" + weights
         x = mlp.x
@@ -340,12 +376,15 @@ def _one_accumulator(combines: list[fx.Node]) -> str | None:
     for previous, node in zip(combines, combines[1:]):
         if skip_pass_through(node.args[0]) not in (previous, base):
             return "per-expert combines do not accumulate into one buffer"
-    for node in combines:
-        if node.target in (aten.index_add_.default, aten.index_add.default):
-            alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
-            if alpha != 1:
-                return f"per-expert combine index_add with alpha={alpha}"
-    return None
+    return next((f"per-expert {why}" for why in map(scaled_index_add, combines) if why), None)
+
+
+def scaled_index_add(node: fx.Node) -> str | None:
+    """Why the combine `node` adds a multiple of its values (index_add with alpha != 1); None when it does not."""
+    if node.target not in (aten.index_add_.default, aten.index_add.default):
+        return None
+    alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
+    return f"combine index_add with alpha={alpha}" if alpha != 1 else None
 
 
 def _one_unit(per_expert: list[ExpertMLP]) -> Unit | str:
@@ -365,6 +404,30 @@ def _combine_index(node: fx.Node):
     """The token-index argument of a combine op (index_put_ takes a list of one)."""
     index = node.args[_COMBINES[node.target][0]]
     return _token_source(index[0] if isinstance(index, (list, tuple)) else index)
+
+
+def _rows_index(scatter_add: fx.Node) -> bool:
+    """Whether scatter_add's index [n, d] is the token column expanded to the values' full shape (index[i, j] =
+    token[i] for every column j of the values and of the output): a [n, 1] view or unsqueeze of the token index,
+    expanded."""
+    index, values = scatter_add.args[2], scatter_add.args[3]
+    column = skip_pass_through(index)
+    if is_op(column, aten.expand.default):
+        column = column.args[0]
+    rows = val(index).shape
+    return (_same_sizes(rows, val(values).shape) and _same_sizes(rows[1:], val(scatter_add).shape[1:])
+            and _same_sizes(val(column).shape, (rows[0], 1)) and val(_token_source(column)).dim() == 1)
+
+
+def _same_sizes(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _expert_id(value) -> int | None:
+    """The expert id an `ids == value` comparison selects: an int, or a float equal to one (1.5 selects none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        return None
+    return int(value)
 
 
 def _token_source(node: fx.Node) -> fx.Node:
@@ -391,7 +454,7 @@ def _selected_expert(token: fx.Node, ids: fx.Node, num_experts: int) -> int | No
             continue
         seen.add(n)
         if is_op(n, aten.eq.Scalar) and skip_pass_through(n.args[0]) is ids:
-            return int(n.args[1])
+            return _expert_id(n.args[1])
         if is_op(n, aten.select.int) and is_op(skip_pass_through(n.args[0]), aten.permute.default):
             one_hot = skip_pass_through(skip_pass_through(n.args[0]).args[0])
             if is_op(one_hot, aten.one_hot.default) and one_hot.args[0] is ids:
@@ -423,7 +486,8 @@ def _mask_axes(mask, ids: fx.Node) -> tuple[int, list[int]] | None:
     if val(ids).dim() != 2:
         return None
     if is_op(mask, aten.eq.Scalar) and skip_pass_through(mask.args[0]) is ids and val(mask).shape == val(ids).shape:
-        return int(mask.args[1]), [0, 1]
+        e = _expert_id(mask.args[1])
+        return None if e is None else (e, [0, 1])
     if not is_op(mask, aten.select.int):
         return None
     source, dim, e = skip_pass_through(mask.args[0]), mask.args[1] % 3, mask.args[2]

@@ -5,7 +5,9 @@ linear) or two (a gate linear and an up linear), and unit is elementwise. `recog
 the nodes from the projection output(s) to the down projection's input and
 
 1. checks that they are elementwise or column selections of the projection outputs only (no
-   other tensor enters: a learned scale or a norm inside the unit is not a foe:: unit);
+   other tensor enters: a learned scale or a norm inside the unit is not a foe:: unit), and that
+   every cast keeps the values of the projection's dtype (widening, or back to it after widening:
+   a round trip through float8, an integer or a narrower float is not the op's unit);
 2. proposes the units foe::experts_swiglu computes (reference.expert_unit: silu with alpha,
    gelu, gelu_tanh gated; relu2 ungated) with the clamp limits, multipliers and offsets that
    appear as constants in those nodes, in every gate/up column layout (halves gate-first or
@@ -202,9 +204,11 @@ def recognise_unit(inputs: list[fx.Node], output: fx.Node, width: int) -> Unit |
         foreign = [a for a in n.all_input_nodes if a not in inside]
         if foreign:
             return f"expert unit reads {foreign[0].name} besides the projection ({_name(n)} {n.name})"
-    casts = [n for n in nodes if n.target in _CASTS and not _float_cast(n)]
-    if casts:
-        return f"expert unit casts to a non-floating dtype ({casts[0].name})"
+    source_dtypes = {val(i).dtype for i in inputs}
+    lossy = [n for n in nodes if n.target in _CASTS and not holds_values(val(n).dtype, source_dtypes)]
+    if lossy:
+        return (f"expert unit casts to {val(lossy[0]).dtype} ({lossy[0].name}), which does not hold every value of "
+                f"its projection's {', '.join(sorted(str(d) for d in source_dtypes))} output")
     out_width = val(output).shape[-1]
     gated = out_width * 2 == width
     if not gated and out_width != width:
@@ -258,14 +262,25 @@ def _constants(nodes: list[fx.Node]) -> set[float]:
     return {float(a) for n in nodes for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)}
 
 
-def _float_cast(node: fx.Node) -> bool:
-    """A cast whose result is floating point (run as identity on the float64 probes)."""
-    return val(node).is_floating_point()
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def holds_values(dtype: torch.dtype, sources) -> bool:
+    """Whether the floating `dtype` holds every value of each dtype in `sources` exactly: a cast to it then
+    keeps values (widening, or back to the source's own dtype). float8, integer and narrower floats do not
+    (nor does fp16 hold bf16, or bf16 fp16)."""
+    return dtype in _FLOATS and all(s in _FLOATS and torch.promote_types(s, dtype) == dtype for s in sources)
+
+
+def lossy_cast(nodes, dtype: torch.dtype) -> fx.Node | None:
+    """The first of `nodes` that casts to a dtype not holding every value of `dtype` (None: none does)."""
+    return next((n for n in nodes if is_op(n, *_CASTS) and not holds_values(val(n).dtype, {dtype})), None)
 
 
 def _run(nodes: list[fx.Node], inputs: list[fx.Node], output: fx.Node, probe: torch.Tensor) -> torch.Tensor:
-    """Evaluate `nodes` on `probe` split by columns across `inputs`; floating casts stay float64 (the
-    rounding of an fp32/bf16 cast is the dtype's, which translation validation measures)."""
+    """Evaluate `nodes` on `probe` split by columns across `inputs`; casts stay float64 (each keeps the
+    projection dtype's values, checked by recognise_unit; its rounding of the arithmetic is measured by translation
+    validation)."""
     widths = [val(i).shape[-1] for i in inputs]
     env: dict[fx.Node, object] = dict(zip(inputs, (p.clone() for p in probe.split(widths, dim=-1))))
     for n in nodes:

@@ -17,7 +17,7 @@ the split sizes are the pick counts per expert in that order. So out[t] is the s
 of w * expert(x[t]), which is what foe::experts_swiglu computes. Every link of that argument is
 checked on the graph: the sort of the flattened ids (ascending), the token index, the gather, the
 split sizes (each the count of one expert, in order: a histogram of the ids by one_hot or a scatter
-of ones, summed over the picks), the same sizes for both splits, the concatenations in order, the
+of ones, summed over the picks, held in dtypes that count exactly), the same sizes for both splits, the concatenations in order, the
 weights gathered by the same order, and the combine into zeros.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import operator
 import torch
 from torch import fx
 
-from .expert_forms import _internal, _one_unit, is_zeros
-from .expert_unit import ExpertMLP, as_linear, match_expert_mlp, recognise_unit, unit_sources
+from .expert_forms import _internal, _one_unit, _walk, _written, is_zeros, scaled_index_add
+from .expert_unit import ExpertMLP, as_linear, lossy_cast, match_expert_mlp, recognise_unit, unit_sources
 from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
 
@@ -49,10 +49,13 @@ def sort_split(c: dict) -> MoEMatch | str | None:
     if len(splits) != 1 or _split_dim(splits[0]) != 0:
         return None
     first_split = splits[0]
-    if not _split_by_counts(first_split, ids, E):
-        return "sort + split: the split sizes are not the per-expert pick counts in expert order"
+    if write := _written(order) or _written(token):
+        return f"sort + split: {write.name} writes into the sort order or the token index in place"
+    if why := _split_by_counts(first_split, ids, E):
+        return f"sort + split: {why}"
     chunks = _parts(first_split, E)
-    combined = _index_add_combine(token, order, weights, ids) or _unsort_combine(order, weights, ids, k)
+    dtype = val(first_split.args[0]).dtype
+    combined = _index_add_combine(token, order, weights, ids, dtype) or _unsort_combine(order, weights, ids, k, dtype)
     if chunks is None or combined is None:
         return None
     if isinstance(combined, str):
@@ -81,11 +84,13 @@ def _gathers(token: fx.Node) -> list[fx.Node]:
             or (is_op(u, aten.index_select.default) and u.args[1] == 0 and u.args[2] is token)]
 
 
-def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
+def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node, dtype: torch.dtype):
     """(cat, weights, output) for zeros.index_add(0, token, cat(...) * weights.flatten()[order][:, None])."""
     combine = next((u for u in token.users if is_op(u, *_INDEX_ADD) and u.args[2] is token), None)
     if combine is None or combine.args[1] != 0 or not is_zeros(combine.args[0]):
         return None
+    if why := scaled_index_add(combine):
+        return why
     scaled = skip_pass_through(combine.args[3])
     if not is_op(scaled, aten.mul.Tensor):
         return "expert outputs are combined without being multiplied by their routing weights"
@@ -93,13 +98,14 @@ def _index_add_combine(token: fx.Node, order: fx.Node, weights, ids: fx.Node):
     if cat is None:
         return None
     factor = next((a for a in scaled.args if skip_pass_through(a) is not cat), None)
-    weights = _sorted_weights(factor, order, weights, ids)
+    weights = _sorted_weights(factor, order, weights, ids, dtype)
     return weights if isinstance(weights, str) else (cat, weights, combine)
 
 
-def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int):
+def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int, dtype: torch.dtype):
     """(cat, weights, output) for u = zeros[T*k, d].index_copy_(0, order, cat(...)) (the picks back in
-    token-major order), then (u.view(T, k, d) * weights.unsqueeze(-1)).sum(1)."""
+    token-major order), then (u.view(T, k, d) * weights.unsqueeze(-1)).sum(1), the weights cast only to dtypes
+    holding the hidden `dtype`."""
     copy = next((u for u in order.users if is_op(u, aten.index_copy_.default, aten.index_copy.default)
                  and u.args[2] is order), None)
     if copy is None or copy.args[1] != 0 or not is_zeros(copy.args[0]):
@@ -118,9 +124,10 @@ def _unsort_combine(order: fx.Node, weights, ids: fx.Node, k: int):
     total = only_user(scaled)
     if not is_op(total, aten.sum.dim_IntList) or [d % val(scaled).dim() for d in total.args[1]] != [1]:
         return "the weighted picks are not summed over the k slots"
-    source = factor
-    while is_op(source, aten.unsqueeze.default, *PASS_THROUGH):
-        source = source.args[0]
+    chain = _walk(factor, aten.unsqueeze.default, *PASS_THROUGH)
+    if cast := lossy_cast(chain, dtype):
+        return _rounded(cast, dtype)
+    source = chain[-1]
     if tuple(val(factor).shape) != (*val(ids).shape, 1) or tuple(val(source).shape) != tuple(val(ids).shape):
         return "the expert outputs' factor is not the routing weights [T, k, 1]"
     if weights is not None and source is not skip_pass_through(weights):
@@ -166,25 +173,44 @@ def _parts(split: fx.Node, count: int) -> list[fx.Node] | None:
     return [parts[i] for i in range(count)] if sorted(parts) == list(range(count)) else None
 
 
-def _split_by_counts(split: fx.Node, ids: fx.Node, num_experts: int) -> bool:
+def _split_by_counts(split: fx.Node, ids: fx.Node, num_experts: int) -> str | None:
+    """Why the split sizes are not the exact per-expert pick counts in expert order (None: they are)."""
     sizes = split.args[1]
-    return len(sizes) == num_experts and all(_counts_expert(s, e, ids, num_experts) for e, s in enumerate(sizes))
+    if len(sizes) != num_experts:
+        return f"the split makes {len(sizes)} chunks for {num_experts} experts"
+    counts = [_counts_of_expert(s, e) for e, s in enumerate(sizes)]
+    if any(c is None for c in counts) or not all(_is_histogram(skip_pass_through(c), ids, num_experts) for c in counts):
+        return "the split sizes are not the per-expert pick counts in expert order"
+    lossy = next((n for c in counts for n in _count_chain(c) if val(n).dtype not in _EXACT_COUNTS), None)
+    return None if lossy is None else (
+        f"the per-expert pick counts are held in {val(lossy).dtype} ({lossy.name}), which does not count exactly")
 
 
-def _counts_expert(size, expert: int, ids: fx.Node, num_experts: int) -> bool:
-    """Whether the split size `size` is item() of entry `expert` of the pick counts of `ids`."""
+def _counts_of_expert(size, expert: int) -> fx.Node | None:
+    """The counts tensor [E] when the split size `size` is item() of its entry `expert`."""
     if not is_op(size, aten.item.default, aten._local_scalar_dense.default):
-        return False
+        return None
     entry = size.args[0]
     if entry.target is operator.getitem and is_op(entry.args[0], aten.unbind.int) and entry.args[1] == expert:
-        counts = entry.args[0].args[0]
         if (entry.args[0].args[1] if len(entry.args[0].args) > 1 else 0) != 0:
-            return False
-    elif is_op(entry, aten.select.int) and entry.args[1] == 0 and entry.args[2] == expert:
-        counts = entry.args[0]
-    else:
-        return False
-    return _is_histogram(skip_pass_through(counts), ids, num_experts)
+            return None
+        return entry.args[0].args[0]
+    if is_op(entry, aten.select.int) and entry.args[1] == 0 and entry.args[2] == expert:
+        return entry.args[0]
+    return None
+
+
+# Dtypes that hold the pick counts exactly: integers of 32 bits and more, and floats counting by ones exactly
+# to 2^24 (float32) picks per expert, which is more tokens than one call holds.
+_EXACT_COUNTS = (torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+def _count_chain(counts: fx.Node) -> list[fx.Node]:
+    """The histogram and the views and casts from it to `counts`: each holds the counts in its dtype."""
+    chain = [counts]
+    while is_op(chain[-1], *PASS_THROUGH):
+        chain.append(chain[-1].args[0])
+    return chain
 
 
 def _is_histogram(counts: fx.Node, ids: fx.Node, num_experts: int) -> bool:
@@ -216,18 +242,21 @@ def _same_ids(node, ids: fx.Node) -> bool:
     return node is skip_pass_through(ids)
 
 
-def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Node) -> fx.Node | str:
+def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Node, dtype: torch.dtype) -> fx.Node | str:
     """The routing weights [..., k] when the expert outputs' factor is weights.flatten()[order]
-    (with [:, None] before or after the gather); else why not. With graph routing (weights None):
-    the flattened tensor, when it is shaped like the ids."""
-    node = skip_pass_through(factor) if isinstance(factor, fx.Node) else None
-    while is_op(node, aten.unsqueeze.default, aten.expand.default) or _whole_slice(node):
-        node = skip_pass_through(node.args[0])
+    (with [:, None] before or after the gather, cast only to dtypes holding the hidden `dtype`); else why
+    not. With graph routing (weights None): the flattened tensor, when it is shaped like the ids."""
+    if not isinstance(factor, fx.Node):
+        return "the expert outputs' factor is not the routing weights gathered in the sorted order"
+    walked = [factor]
+    while is_op(walked[-1], aten.unsqueeze.default, aten.expand.default, *PASS_THROUGH) or _whole_slice(walked[-1]):
+        walked.append(walked[-1].args[0])
+    node = walked[-1]
     if not is_op(node, aten.index.Tensor) or node.args[1] != [order]:
         return "the expert outputs' factor is not the routing weights gathered in the sorted order"
-    chain = [node.args[0]]
-    while is_op(chain[-1], aten.unsqueeze.default, aten.flatten.using_ints, *PASS_THROUGH):
-        chain.append(chain[-1].args[0])
+    chain = _walk(node.args[0], aten.unsqueeze.default, aten.flatten.using_ints, *PASS_THROUGH)
+    if cast := lossy_cast(walked + chain, dtype):
+        return _rounded(cast, dtype)
     source = chain[-1]
     flattened = any(val(n).dim() == 1 or (val(n).dim() == 2 and val(n).shape[-1] == 1) for n in chain[:-1])
     if not flattened or val(source).shape != val(ids).shape:
@@ -235,6 +264,10 @@ def _sorted_weights(factor, order: fx.Node, weights: fx.Node | None, ids: fx.Nod
     if weights is not None and source is not skip_pass_through(weights):
         return "expert outputs are scaled by something other than the routing weights"
     return weights if weights is not None else source
+
+
+def _rounded(cast: fx.Node, dtype: torch.dtype) -> str:
+    return f"the routing weights are cast to {val(cast).dtype} ({cast.name}), which rounds them beyond the hidden {dtype}"
 
 
 def _whole_slice(node) -> bool:
@@ -267,8 +300,8 @@ def _parallel_experts(outputs: list, chunks: list[fx.Node], ids: fx.Node) -> lis
     second = downs[0].x.args[0] if downs[0].x.target is operator.getitem else None
     if not is_op(second, aten.split_with_sizes.default) or _split_dim(second) != 0:
         return None
-    if not _split_by_counts(second, ids, len(outputs)):
-        return "the unit's output is not split by the per-expert pick counts in expert order"
+    if why := _split_by_counts(second, ids, len(outputs)):
+        return f"the unit's output is not split as its input: {why}"
     if [d.x for d in downs] != _parts(second, len(outputs)):
         return "expert outputs are not the down projections of the chunks in order"
     unit_output = second.args[0]
