@@ -622,7 +622,7 @@ class PrunedThroughView(WhereIndexAdd):
 
 
 REFUSED = [
-    (PrunedThroughView, "writes in place into a tensor of the block that other ops also read"),
+    (PrunedThroughView, "in place"),
     (FirstSlotWeights, "not multiplied by the routing weights at its picks"),
     (SwappedColumns, "combined into rows other than its tokens'"),
     (SortSplitReversedCounts, "split sizes are not the per-expert pick counts in expert order"),
