@@ -61,6 +61,8 @@ CATEGORIES = [
      "router matcher: weights changed after the router (e.g. an eps in the renormalisation)"),
     (r"depends on tensor values|computed from tensor values",
      "capture (torch.export): data-dependent control flow in the model code"),
+    (r"is inside the attention module",
+     "expert matcher: a top-k inside attention (attention-head experts or a sparse-attention selection)"),
     (r"matches none of the supported forms", "expert matcher: unsupported expert computation"),
     (r"scaled by something other than the routing weights",
      "expert matcher: expert outputs scaled beyond the routing weights (routed scaling factor)"),

@@ -87,8 +87,8 @@ def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routi
     where = f"router {linear.name} -> {topk.name}" if linear is not None else f"{topk.name} ({graph_routing})"
     attention = _attention_module(topk)
     if attention:
-        why = (f"the router is inside the attention module {attention} (experts that are attention heads, a "
-               f"mixture of attention: foe::experts_swiglu computes MLP experts); {why}")
+        why = (f"the top-k is inside the attention module {attention} (attention heads as experts, or a "
+               f"sparse-attention token selection; foe::experts_swiglu computes MLP experts); {why}")
     return f"{where}: {why}"
 
 

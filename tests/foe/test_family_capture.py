@@ -254,3 +254,16 @@ def test_phimoe_converts_exactly(experts):
     assert len(layers) == model.config.num_hidden_layers, report.to_table()
     assert all(any("successive argmax" in note for note in layer.notes) for layer in layers)
     assert_exact_at_two_shapes(model, converted, model.config.vocab_size)
+
+
+@pytest.mark.families
+@torch.no_grad()
+def test_jetmoe_sort_split_experts_convert_and_its_attention_experts_are_named():
+    """JetMoE: its MLP experts (sort + split, parallel GEMMs) are lowered; its mixture-of-attention
+    routers are left as written, reported as top-ks inside attention modules."""
+    model = hf_zoo.tiny_model("jetmoe")
+    converted, report = convert(model, mode="exact", calibration_inputs=tokens(model.config.vocab_size, 2, 7))
+    assert report.exact and len(lowered_layers(report)) == model.config.num_hidden_layers, report.to_table()
+    assert len(report.untouched_blocks) == model.config.num_hidden_layers
+    assert all("is inside the attention module model.model.layers." in why for why in report.untouched_blocks)
+    assert_exact_at_two_shapes(model, converted, model.config.vocab_size)
