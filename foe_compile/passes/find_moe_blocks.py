@@ -24,6 +24,7 @@ from .expert_forms import FORMS, refresh_grouped_mm_ops
 from .infra import PassResult, ancestors, aten, descendants, getitem_users, is_op
 from .matches import MOE_KEY, UNTOUCHED_KEY, MoEMatch
 from .moe_router import is_pick_router, match_router, routing_size
+from .select_loop import select_loop
 from .sort_split import sort_split
 
 
@@ -65,7 +66,7 @@ def _match_experts(topk, linear, ids, weights, variant, renormalize, graph_routi
                   router_weight=linear.args[1] if linear is not None else None, ids=ids, weights=weights,
                   renormalize=renormalize, top_k=top_k, num_experts=num_experts)
     reasons = []
-    for matcher in (*FORMS, sort_split, dense_weighted_input):
+    for matcher in (*FORMS, select_loop, sort_split, dense_weighted_input):
         match = matcher(common)
         if isinstance(match, MoEMatch):
             match.graph_routing, match.routing = graph_routing, variant or {}

@@ -27,7 +27,8 @@ import operator
 import torch
 from torch import fx
 
-from .expert_forms import _internal, _one_unit, _walk, _written, is_zeros, scaled_index_add
+from .expert_forms import _internal, _one_unit, _walk, _written, is_zeros
+from .select_loop import scaled_index_add
 from .expert_unit import ExpertMLP, as_linear, lossy_cast, match_expert_mlp, recognise_unit, unit_sources
 from .infra import PASS_THROUGH, aten, is_op, only_user, skip_pass_through, users, val
 from .matches import MoEMatch
