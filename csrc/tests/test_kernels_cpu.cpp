@@ -25,12 +25,7 @@
 
 namespace {
 
-using foe_test::check_route_invariants;
-using foe_test::close;
-using foe_test::equal;
-using foe_test::expect;
-using foe_test::expect_error;
-using foe_test::quota_pick;
+using namespace foe_test;  // expect, close, equal, expect_error, quota_pick, check_route_invariants
 
 // Scalar reference of sum_route_dispatch in fp32 (renormalised weights), stable sort of pairs by expert.
 void check_route(int64_t T, int64_t E, int64_t k, int64_t H, int64_t residual_groups, int64_t d = 40) {

@@ -17,12 +17,7 @@
 
 namespace {
 
-using foe_test::check_route_invariants;
-using foe_test::close;
-using foe_test::equal;
-using foe_test::expect;
-using foe_test::expect_error;
-using foe_test::quota_pick;
+using namespace foe_test;  // expect, close, equal, expect_error, quota_pick, check_route_invariants
 
 // Router variants: the kernel's xn routed by a scalar reference written here: logits = xn . router_e (+ bias_e),
 // scores = softmax | sigmoid | sqrt(softplus), picks by scores (+ correction), weights = picked scores,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from foe_compile.kernels import cupy_runtime, dispatch, native, reference
-
+from foe_testing import gpu_backend_params
 from native_cases import check_route_variant, route_inputs, route_variant
 
 needs_native = pytest.mark.skipif(native.UNAVAILABLE_REASON is not None, reason=str(native.UNAVAILABLE_REASON))
@@ -300,18 +300,7 @@ GPU_CASES = list(itertools.product(reference.SCORINGS, [False, True], [False, Tr
 
 
 def _gpu_implementations():
-    out = []
-    for backend in ("native", "cupy"):
-        reason = None
-        if not torch.cuda.is_available():
-            reason = "needs a CUDA device"
-        elif backend == "native" and not native.has_cuda():
-            reason = "foe_compile._C built without CUDA"
-        elif backend == "cupy" and cupy_runtime.UNAVAILABLE_REASON is not None:
-            reason = cupy_runtime.UNAVAILABLE_REASON
-        marks = [pytest.mark.gpu] + ([pytest.mark.skip(reason=reason)] if reason else [])
-        out.append(pytest.param(backend, id=backend, marks=marks))
-    return out
+    return gpu_backend_params(("native", "cupy"))
 
 
 def _gpu_route(backend):

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from foe_compile.kernels import cupy_runtime, dispatch, native, reference
+from foe_compile.kernels import dispatch, reference
+from foe_testing import gpu_backend_params
 
 UNITS = {"silu": lambda h: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
          "gelu": lambda h: F.gelu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
@@ -151,19 +152,12 @@ def test_onnx_runtime_weights_the_input(tmp_path):
 
 
 def gpu_backends():
-    out = []
-    for backend in ("native", "cupy", "triton"):
-        reason = None
-        if not torch.cuda.is_available():
-            reason = "needs a CUDA device"
-        elif backend == "native" and not native.has_cuda():
-            reason = "foe_compile._C built without CUDA"
-        elif backend == "cupy" and cupy_runtime.UNAVAILABLE_REASON is not None:
-            reason = cupy_runtime.UNAVAILABLE_REASON
-        elif not dispatch.available("experts_swiglu", backend, "cuda"):
-            reason = f"{backend} has no CUDA experts kernel here"
-        out.append(pytest.param(backend, marks=[pytest.mark.gpu] + ([pytest.mark.skip(reason=reason)] if reason else [])))
-    return out
+    def no_experts_kernel(backend):
+        if not dispatch.available("experts_swiglu", backend, "cuda"):
+            return f"{backend} has no CUDA experts kernel here"
+        return None
+
+    return gpu_backend_params(("native", "cupy", "triton"), no_experts_kernel)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
