@@ -1,4 +1,4 @@
-"""The FX path on MoE blocks written by hand (handwritten_moes.py): every form that computes
+"""The FX path on MoE blocks written by hand (handwritten_*.py): every form that computes
 sum_k w_k * expert_{e_k}(x) with a unit foe::experts_swiglu has is rewritten and equals the eager
 module at several shapes; every form that computes something else is left as written with its
 reason; a rewrite that changes the outputs is undone by translation validation."""
@@ -8,7 +8,9 @@ import importlib
 import pytest
 import torch
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import FUSED_VARIANTS, GRAPH_ROUTED, REFUSED, SUPPORTED, SUPPORTED_UNITS, GroupLimitedTop2
+from handwritten_moes import SUPPORTED, SUPPORTED_UNITS
+from handwritten_near_misses import REFUSED
+from handwritten_routers import FUSED_VARIANTS, GRAPH_ROUTED, GroupLimitedTop2
 from user_models import UserMoETransformer
 
 from foe_compile import convert
@@ -229,7 +231,7 @@ def test_a_recapture_that_cannot_be_rewritten_runs_the_source_graph(monkeypatch)
 def test_a_router_scored_in_bf16_is_not_fused():
     """The fused op scores in float32; a bf16 model whose router scores in bf16 would pick other
     experts for some tokens after fusing, so its routing stays as written (and the FoE form refuses)."""
-    from handwritten_moes import SigmoidRouter
+    from handwritten_routers import SigmoidRouter
 
     model = model_with(SigmoidRouter).to(torch.bfloat16)
     converted, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7))

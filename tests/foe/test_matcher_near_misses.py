@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from foe_testing import EXACT_MAX_REL, max_rel
-from handwritten_moes import DenseWeightedInput, ParallelExperts, SortSplit, WhereIndexAdd, _Base
+from handwritten_moes import ParallelExperts, SortSplit, WhereIndexAdd, with_experts
+from handwritten_routers import DenseWeightedInput
+from handwritten_near_misses import PrunedThroughView
 from user_models import SwiGLU, UserMoETransformer
 
 from foe_compile import convert
@@ -26,18 +28,8 @@ class CountsIn(ParallelExperts):
 
     count_dtype = torch.bfloat16
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        counts = torch.zeros(h.shape[0], self.num_experts, dtype=self.count_dtype).scatter(1, ids, 1).sum(0)
-        counts = counts.long().tolist()
-        _, order = ids.flatten().sort(stable=True, dim=0)
-        token = order.div(self.top_k, rounding_mode="trunc")
-        gate_up = torch.cat([F.linear(c, self.w_in[e]) for e, c in enumerate(h[token].split(counts, dim=0))])
-        gate, up = gate_up.chunk(2, dim=-1)
-        a = (F.silu(gate) * up).split(counts, dim=0)
-        y = torch.cat([F.linear(c, self.w_out[e]) for e, c in enumerate(a)]) * w.flatten()[order][:, None]
-        return torch.zeros_like(h).index_add(0, token, y).view_as(x)
+    def counts(self, h, w, ids):
+        return torch.zeros(h.shape[0], self.num_experts, dtype=self.count_dtype).scatter(1, ids, 1).sum(0).long().tolist()
 
 
 class CountsInHalf(CountsIn):
@@ -55,42 +47,25 @@ class CountsInInt(CountsIn):
 class SortSplitAlpha(SortSplit):
     """The sorted combine index_add_ with alpha=2: every expert output added twice."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        order = ids.flatten().argsort()
-        token = order // self.top_k
-        counts = F.one_hot(ids.flatten(), self.num_experts).sum(0).tolist()
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
-        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[order, None], alpha=2.0).view_as(x)
+    def combine(self, out, token, y):
+        return out.index_add_(0, token, y, alpha=2.0)
 
 
-class ScatterAddNarrowIndex(_Base):
+class ScatterAddNarrowIndex(WhereIndexAdd):
     """scatter_add_ with the [n, 1] token column as index: only column 0 of each expert output is added."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == e)
-            out.scatter_add_(0, token[:, None], expert(h[token]) * w[token, slot, None])
-        return out.view_as(x)
+    def combine(self, out, token, y, h):
+        out.scatter_add_(0, token[:, None], y)
+        return out
 
 
-class ComparedWith(_Base):
+class ComparedWith(WhereIndexAdd):
     """Expert 1's picks selected by ids == `one` (1.5 selects nothing; 1.0 is expert 1)."""
 
     one = 1.5
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == (self.one if e == 1 else e))
-            out.index_add_(0, token, expert(h[token]) * w[token, slot, None])
-        return out.view_as(x)
+    def picks(self, ids, e):
+        return torch.where(ids == (self.one if e == 1 else e))
 
 
 class ComparedWithIntegralFloat(ComparedWith):
@@ -100,76 +75,40 @@ class ComparedWithIntegralFloat(ComparedWith):
 class SortSplitWeightsViaBf16(SortSplit):
     """The sorted routing weights rounded through bfloat16 in a float32 model."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        order = ids.flatten().argsort()
-        token = order // self.top_k
-        counts = F.one_hot(ids.flatten(), self.num_experts).sum(0).tolist()
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
-        factor = w.flatten().to(torch.bfloat16).to(h.dtype)[order, None]
-        return torch.zeros_like(h).index_add_(0, token, y * factor).view_as(x)
+    def factor(self, w, order, h):
+        return w.flatten().to(torch.bfloat16).to(h.dtype)[order, None]
 
 
 class SortSplitTokenWritten(SortSplit):
     """The token index overwritten in place (through a view) after the gather: the combine adds into other rows."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        order = ids.flatten().argsort()
-        token = order // self.top_k
-        counts = F.one_hot(ids.flatten(), self.num_experts).sum(0).tolist()
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, h[token].split(counts))])
+    def combine(self, out, token, y):
         token[:1] = 0
-        return torch.zeros_like(h).index_add_(0, token, y * w.flatten()[order, None]).view_as(x)
+        return super().combine(out, token, y)
 
 
-class LoopWeightsViaBf16(_Base):
+class LoopWeightsViaBf16(WhereIndexAdd):
     """A per-expert loop whose routing weights are rounded through bfloat16 in a float32 model."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == e)
-            out.index_add_(0, token, expert(h[token]) * w[token, slot, None].to(torch.bfloat16).to(h.dtype))
-        return out.view_as(x)
+    def factor(self, w, token, slot, h):
+        return w[token, slot, None].to(torch.bfloat16).to(h.dtype)
 
 
-class WeightsPrunedThroughView(WhereIndexAdd):
+class WeightsPrunedThroughView(PrunedThroughView):
     """Routing weights below 0.1 zeroed in place through a view after the router (never hit at init)."""
 
-    def route(self, x):
-        w, ids = super().route(x)
-        flat = w.view(-1)
-        flat.masked_fill_(flat < 0.1, 0.0)
-        return w, ids
+    threshold = 0.1
 
 
-class LoopOutputsViaFp8(_Base):
+class LoopOutputsViaFp8(WhereIndexAdd):
     """A per-expert loop whose weighted outputs are rounded through float8 before the combine."""
 
-    def forward(self, x):
-        h = self.flat(x)
-        w, ids = self.route(h)
-        out = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(ids == e)
-            y = expert(h[token]) * w[token, slot, None]
-            out.index_add_(0, token, y.to(torch.float8_e4m3fn).to(h.dtype))
-        return out.view_as(x)
+    def combine(self, out, token, y, h):
+        return super().combine(out, token, y.to(torch.float8_e4m3fn).to(h.dtype), h)
 
 
 def _experts_with(unit_cls):
-    class Experts(WhereIndexAdd):
-        def __init__(self, d, inner, num_experts, top_k):
-            super().__init__(d, inner, num_experts, top_k)
-            self.experts = torch.nn.ModuleList(unit_cls(d, inner) for _ in range(num_experts))
-
-    Experts.__name__ = unit_cls.__name__ + "Experts"
-    return Experts
+    return with_experts(WhereIndexAdd, unit_cls, unit_cls.__name__ + "Experts")
 
 
 class Fp8Gate(SwiGLU):
