@@ -313,15 +313,3 @@ FarClampedGLUExperts = with_experts(WhereScatterAdd, lambda d, inner: ClampedGLU
 
 SUPPORTED_UNITS = [GeluGated, BiasedExperts, HandSpelledSiLUExperts, Relu2Experts, ClampedGLUExperts,
                    FarClampedGLUExperts]
-
-
-def __getattr__(name: str):
-    """The router variants and near misses live in handwritten_routers / handwritten_near_misses; they are
-    still reachable from here (`from handwritten_moes import GroupLimited`) without an import cycle."""
-    import handwritten_near_misses
-    import handwritten_routers
-
-    for module in (handwritten_routers, handwritten_near_misses):
-        if name in vars(module):
-            return vars(module)[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,7 +58,7 @@ def test_onnx_of_a_user_model_through_the_fx_path(tmp_path):
 def test_onnx_of_a_graph_routed_block(tmp_path):
     """A group-limited router stays in the graph as written and its experts are lowered: the grouping
     lower_experts adds (group_by_expert) must translate to ONNX too."""
-    from handwritten_moes import GroupLimited
+    from handwritten_routers import GroupLimited
 
     torch.manual_seed(0)
     model = UserMoETransformer(GroupLimited, experts=4, top_k=2).eval()
@@ -81,9 +81,10 @@ def test_onnx_of_every_expert_unit(tmp_path, unit):
     that of foe::sum_route_dispatch each routing variant (sigmoid + correction bias + scaling, router bias,
     group limit + renormalisation eps, clamped renormalisation + per-expert scale, sigmoid of the top logits)."""
     import handwritten_moes
+    import handwritten_routers
 
     torch.manual_seed(0)
-    model = UserMoETransformer(getattr(handwritten_moes, unit), experts=4, top_k=2).eval()
+    model = UserMoETransformer(getattr(handwritten_moes, unit, None) or getattr(handwritten_routers, unit), experts=4, top_k=2).eval()
     graph, report = convert(model, mode="exact", calibration_inputs=tokens(2, 7, vocab=96))
     assert report.exact and not report.untouched_blocks
     path = to_onnx(graph, tokens(2, 7, vocab=96), tmp_path / f"{unit}.onnx")

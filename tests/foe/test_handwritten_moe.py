@@ -128,16 +128,16 @@ def test_other_computations_are_left_as_written_with_a_reason(moe_cls, reason):
 def test_a_wrong_rewrite_is_undone_by_translation_validation(monkeypatch):
     """Make the matcher swap gate and up for the first block's experts (a plausible bug): the
     rewrite no longer equals the source, so validation leaves that block as written and says so."""
-    expert_forms = importlib.import_module("foe_compile.passes.expert_forms")
-    real = expert_forms.match_expert_mlp
+    select_loop = importlib.import_module("foe_compile.passes.select_loop")
+    real = select_loop.match_expert_mlp
 
     def swapped_in_block_0(down):
         found = real(down)
-        if isinstance(found, expert_forms.ExpertMLP) and "blocks_0" in found.gate_up[0].name:
+        if isinstance(found, select_loop.ExpertMLP) and "blocks_0" in found.gate_up[0].name:
             return dataclasses.replace(found, gate_up=found.gate_up[::-1])
         return found
 
-    monkeypatch.setattr(expert_forms, "match_expert_mlp", swapped_in_block_0)
+    monkeypatch.setattr(select_loop, "match_expert_mlp", swapped_in_block_0)
     model = model_with(SUPPORTED[2])
     ids = tokens(2, 7)
     converted, report = convert(model, mode="exact", calibration_inputs=ids)

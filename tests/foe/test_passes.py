@@ -172,7 +172,7 @@ def test_lower_experts_with_groups_sums_group_partials():
 def test_lower_experts_dense_weighted_input():
     """Llama 4's dense experts: found under graph routing and lowered to one foe::experts_swiglu with the
     weight on the input; the dense bmms and the repeat are gone, the routing (top-k, scatter, sigmoid) stays."""
-    from handwritten_moes import DenseWeightedInput
+    from handwritten_routers import DenseWeightedInput
 
     gm = capture(DenseWeightedInput(32, 16, 6, 2), X)
     before = gm(X)
@@ -189,7 +189,7 @@ def test_lower_experts_dense_weighted_input():
 
 
 def test_dense_weighted_input_must_not_fire_when_unpicked_experts_contribute():
-    from handwritten_moes import DenseZeroFill
+    from handwritten_near_misses import DenseZeroFill
 
     gm = capture(DenseZeroFill(32, 16, 6, 2), X)
     code = copy.deepcopy(gm.code)
